@@ -1,0 +1,1 @@
+"""Reading foreign checkpoints (PyTorch, safetensors, npz) safely and mapping them onto models."""

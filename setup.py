@@ -1,0 +1,36 @@
+"""l2s_jax: large-to-small kernel distillation in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="l2s_jax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax NNX reimplementation of large-to-small kernel knowledge distillation "
+        "(Are Large Kernels Better Teachers than Transformers for ConvNets?, ICML 2023)"
+    ),
+    packages=find_packages(include=["l2s_jax", "l2s_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.8",
+        "grain>=0.2.12",
+        "ml_collections>=1.0",
+        "absl-py",
+        "numpy>=1.26",
+        "pillow>=10",
+        "safetensors>=0.4",
+        "matplotlib>=3.8",
+        "tqdm",
+        "clu",
+    ],
+    extras_require={
+        # Running the test suite (CPU only).
+        "test": ["pytest>=8", "nbformat>=5", "nbclient>=0.10", "ipykernel>=6"],
+        # Optional live comparisons against PyTorch and the PyTorch side of the benchmarks.
+        "torch": ["torch>=2.4"],
+    },
+    entry_points={"console_scripts": []},
+)

@@ -1,0 +1,37 @@
+"""Shared test fixtures: golden reference data and an 8-device CPU platform for sharding tests."""
+import os
+
+# Must happen before JAX initialises its backends: eight simulated CPU devices for mesh tests.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+GOLDEN_DIR = Path(os.environ.get("L2S_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden")).resolve()
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """The golden reference folder; skips (with the reason) only when it does not exist."""
+    if not GOLDEN_DIR.is_dir():
+        pytest.skip(
+            f"golden reference data not found at {GOLDEN_DIR}: set L2S_GOLDEN_DIR or place "
+            "shared/golden beside the repository (present in CI; absent in a fresh clone)"
+        )
+    return GOLDEN_DIR
+
+
+def assert_close_to_reference(actual, reference, name: str = "", factor: float = 1e-4) -> float:
+    """Project parity criterion: max |a - r| <= factor * max(1, max |r|). Returns the error."""
+    import numpy as np
+
+    actual = np.asarray(actual, np.float64)
+    reference = np.asarray(reference, np.float64)
+    assert actual.shape == reference.shape, f"{name}: shape {actual.shape} != reference {reference.shape}"
+    err = float(np.max(np.abs(actual - reference))) if reference.size else 0.0
+    bound = factor * max(1.0, float(np.max(np.abs(reference))) if reference.size else 1.0)
+    assert err <= bound, f"{name}: max abs diff {err:.3g} > {bound:.3g}"
+    return err
