@@ -15,7 +15,14 @@ import numpy as np
 from flax import nnx
 
 from l2s_jax.io.torch_state import load_state_dict
-from l2s_jax.models.registry import FAMILIES, get_family, save_pretrained
+from l2s_jax.models.registry import (
+    FAMILIES,
+    abstract_paths,
+    build_abstract,
+    get_family,
+    materialize_auxiliary,
+    save_pretrained,
+)
 
 
 class ArchitectureMismatchError(ValueError):
@@ -29,9 +36,17 @@ def detect_families(state_dict: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def convert_state_dict(
-    arch: str, state_dict: Mapping[str, np.ndarray], overrides: Mapping[str, Any] | None = None
-) -> tuple[nnx.Module, dict[str, Any]]:
-    """Build the ``arch`` model described by ``state_dict`` and load it; returns (model, config)."""
+    arch: str,
+    state_dict: Mapping[str, np.ndarray],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    return_family: bool = False,
+) -> tuple[nnx.Module, dict[str, Any]] | tuple[nnx.Module, dict[str, Any], str]:
+    """Build the ``arch`` model described by ``state_dict`` and load it; returns (model, config).
+
+    With ``return_family`` also the family actually used (a family may redirect, e.g. a
+    ConvNeXt+BN student checkpoint given as ``convnext`` is built by ``slak``).
+    """
     fam = get_family(arch)
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     if not fam.looks_like(sd):
@@ -40,14 +55,21 @@ def convert_state_dict(
             "it matches no known family; first keys: " + ", ".join(list(sd)[:8])
         )
         raise ArchitectureMismatchError(f"--arch {arch} does not fit this checkpoint: {looks}")
+    target = fam.redirect(sd) if fam.redirect is not None else None
+    if target is not None:
+        arch, fam = target, get_family(target)
     sd = fam.remap_keys(sd)
     config = {**fam.infer_config(sd), **dict(overrides or {})}
-    model = fam.build(**config, rngs=nnx.Rngs(0))
+    model = build_abstract(arch, config)  # shape-only: nothing is randomly initialised
+    materialize_auxiliary(model)
     load_state_dict(model, sd, what=f"{arch} checkpoint")
     if fam.after_load is not None:
         fam.after_load(model, sd)
+    unfilled = abstract_paths(model)
+    if unfilled:
+        raise RuntimeError(f"converter bug: {arch} variables left without a value: {unfilled[:10]}")
     model.eval()
-    return model, config
+    return (model, config, arch) if return_family else (model, config)
 
 
 def convert_checkpoint(
@@ -63,6 +85,6 @@ def convert_checkpoint(
 
     fam = get_family(arch)
     state_dict, used_key = read_state_dict(src, key=key, default_keys=fam.default_keys)
-    model, config = convert_state_dict(arch, state_dict, overrides)
+    model, config, family = convert_state_dict(arch, state_dict, overrides, return_family=True)
     provenance = {"source": str(Path(src).resolve()), "key": used_key, "num_tensors": len(state_dict)}
-    return save_pretrained(model, arch, config, out, provenance)
+    return save_pretrained(model, family, config, out, provenance)

@@ -88,14 +88,14 @@ def check_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], wh
 
 
 def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], what: str = "checkpoint") -> None:
-    """Copy a (checked) PyTorch-style state_dict into ``model`` in place, as float32."""
+    """Copy a (checked) PyTorch-style state_dict into ``model`` in place (also shape-only models)."""
     check_state_dict(model, state_dict, what)
     slots, _ = torch_slots(model)
     for k, slot in slots.items():
         arr = np.asarray(state_dict[k])
         value = slot.transform(arr) if slot.transform else arr
         var = slot.variable
-        var[...] = jnp.asarray(value, dtype=var[...].dtype)
+        var.set_value(jnp.asarray(value, dtype=var.dtype))
 
 
 def abstract_torch_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:

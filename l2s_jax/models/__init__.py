@@ -24,3 +24,6 @@ __all__ = [
     "FAMILIES", "MODELS", "Family", "build_abstract", "create", "get_family", "list_models",
     "load_pretrained", "read_spec", "register_family", "register_model", "save_pretrained",
 ]
+
+from l2s_jax.models import convnext, slak  # noqa: E402,F401  (registers the families)
+from l2s_jax.models import vit, swin, cswin  # noqa: E402,F401

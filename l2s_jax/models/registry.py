@@ -35,6 +35,8 @@ class Family:
     looks_like: Callable[[StateDict], bool]
     remap_keys: Callable[[StateDict], StateDict] = lambda sd: sd
     after_load: Callable[[nnx.Module, StateDict], None] | None = None
+    # Another family that should convert this checkpoint instead (e.g. ConvNeXt+BN -> slak).
+    redirect: Callable[[StateDict], str | None] | None = None
     # Wrapper keys tried in order when a checkpoint holds several state_dicts.
     default_keys: tuple[str, ...] = ("model", "state_dict", "model_ema", "state_dict_ema")
 
@@ -91,6 +93,37 @@ def build_abstract(family: str, config: Mapping[str, Any]) -> nnx.Module:
     """The model with shape-only parameters (``jax.eval_shape``): nothing is allocated."""
     fam = get_family(family)
     return nnx.eval_shape(lambda: fam.build(**config, rngs=nnx.Rngs(0)))
+
+
+def materialize_auxiliary(model: nnx.Module, seed: int = 0) -> None:
+    """Give concrete values to the non-weight state of an abstract model, in place.
+
+    Sparse masks start as ones (the converter then derives them from the checkpoint), RNG
+    streams get distinct keys derived from ``seed`` and zero counters. Weights and BatchNorm
+    statistics are left for the converter to fill.
+    """
+    from l2s_jax.layers import SparseMask
+
+    n = 0
+    for _, v in nnx.iter_graph(model):
+        if not isinstance(v, nnx.Variable) or not isinstance(v.get_value(), jax.ShapeDtypeStruct):
+            continue
+        if isinstance(v, nnx.RngKey):
+            v.set_value(jax.random.fold_in(jax.random.key(seed), n))
+            n += 1
+        elif isinstance(v, nnx.RngCount):
+            v.set_value(np.zeros(v.shape, v.dtype))
+        elif isinstance(v, SparseMask):
+            v.set_value(np.ones(v.shape, v.dtype))
+
+
+def abstract_paths(model: nnx.Module) -> list[str]:
+    """Paths of variables that still hold no value (shape-only)."""
+    return [
+        "/".join(map(str, p))
+        for p, v in nnx.iter_graph(model)
+        if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)
+    ]
 
 
 def _jsonable(x: Any) -> Any:
