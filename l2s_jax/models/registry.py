@@ -126,6 +126,21 @@ def abstract_paths(model: nnx.Module) -> list[str]:
     ]
 
 
+def jit_apply(model: nnx.Module, method: str = "__call__") -> Callable[[jax.Array], Any]:
+    """A jitted ``images -> model.method(images)`` in the model's current mode.
+
+    The model is split once; parameters are passed as arguments (never baked in as
+    constants), so one compile serves every call of the same shape.
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def apply(state, images):
+        return getattr(nnx.merge(graphdef, state), method)(images)
+
+    return lambda images: apply(state, images)
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, (tuple, list)):
         return [_jsonable(v) for v in x]

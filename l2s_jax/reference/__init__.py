@@ -1,0 +1,1 @@
+"""PyTorch reference implementations (optional ``torch`` extra) for live parity tests and benchmarks."""
