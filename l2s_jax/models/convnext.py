@@ -67,6 +67,7 @@ class ConvNeXt(nnx.Module):
         **block_kwargs: Any,
     ):
         dims = [int(d) for d in dims]
+        dtype = None if dtype is None else jnp.dtype(dtype)  # accepts "bfloat16" from JSON specs
         self.dtype = dtype
         conv = dict(kernel_init=layers.TRUNC_NORMAL_02, dtype=dtype, rngs=rngs)
         stem = nnx.List([layers.Conv2d(in_chans, dims[0], 4, stride=4, **conv), layers.LayerNorm(dims[0], eps=1e-6)])
