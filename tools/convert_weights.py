@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from l2s_jax.convert import convert_checkpoint
+    from l2s_jax.io.safe_pickle import UnsafeCheckpointError
 
     overrides = {}
     for item in args.override:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     try:
         out = convert_checkpoint(args.arch, args.src, args.out, key=args.key, overrides=overrides)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, LookupError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, LookupError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = load_pretrained(out)
