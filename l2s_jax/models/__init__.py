@@ -12,6 +12,7 @@ from l2s_jax.models.registry import (
     build_abstract,
     create,
     get_family,
+    jit_apply,
     list_models,
     load_pretrained,
     read_spec,
@@ -21,9 +22,9 @@ from l2s_jax.models.registry import (
 )
 
 __all__ = [
-    "FAMILIES", "MODELS", "Family", "build_abstract", "create", "get_family", "list_models",
+    "FAMILIES", "MODELS", "Family", "build_abstract", "create", "get_family", "jit_apply", "list_models",
     "load_pretrained", "read_spec", "register_family", "register_model", "save_pretrained",
 ]
 
 from l2s_jax.models import convnext, slak  # noqa: E402,F401  (registers the families)
-from l2s_jax.models import vit, swin, cswin  # noqa: E402,F401
+from l2s_jax.models import resnet, mobilenetv3  # noqa: E402,F401  (registers the families)
