@@ -1,0 +1,275 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) in Flax NNX with timm's parameter names.
+
+Reproduces timm's ``VisionTransformer`` as configured for ``vit_small_patch16_224`` (the
+paper's ViT-S/16 teacher): a 16x16 stride-16 patch embedding, a class token prepended, one
+learned position embedding over all 197 tokens (class token included), pre-norm blocks
+``x + proj(attn(norm1(x)))`` then ``x + fc2(gelu(fc1(norm2(x))))`` with LayerNorm eps 1e-6,
+a final LayerNorm and a linear head on the class token. No layer scale, no register tokens.
+
+Images are NHWC; patch tokens are row-major over the patch grid, so the token sequence
+without the class token reshapes directly to an NHWC feature map.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from l2s_jax import layers
+from l2s_jax.models import attention as attn_lib
+from l2s_jax.models.registry import Family, StateDict, register_family, register_model
+
+LECUN_NORMAL = nnx.initializers.lecun_normal()
+
+
+class Mlp(nnx.Module):
+    """timm's ``Mlp``: Linear ``fc1`` -> exact GELU -> Linear ``fc2`` over the last axis."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype=None, rngs: nnx.Rngs):
+        self.fc1 = layers.Linear(dim, hidden, dtype=dtype, rngs=rngs)
+        self.fc2 = layers.Linear(hidden, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(layers.gelu(self.fc1(x)))
+
+
+def split_heads(qkv: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Split a fused ``(..., 3*D)`` projection ordered [q | k | v] x heads into three ``(..., heads, D/heads)``."""
+    *lead, three_d = qkv.shape
+    parts = qkv.reshape(*lead, 3, num_heads, three_d // (3 * num_heads))
+    return parts[..., 0, :, :], parts[..., 1, :, :], parts[..., 2, :, :]
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping ``patch x patch`` conv (stride = patch, no padding) -> row-major tokens."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, *, dtype=None, rngs: nnx.Rngs):
+        self.patch_size = patch_size
+        self.proj = layers.Conv2d(in_chans, dim, patch_size, stride=patch_size, kernel_init=LECUN_NORMAL,
+                                  dtype=dtype, rngs=rngs)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = self.proj(images)
+        b, h, w, c = x.shape
+        return x.reshape(b, h * w, c)
+
+
+class Attention(nnx.Module):
+    """Global multi-head self-attention: fused ``qkv`` Linear, softmax(q k^T / sqrt(d)) v, ``proj``."""
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, attention_impl: str | None = None,
+                 dtype=None, rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.attention_impl = attn_lib.check_implementation(attention_impl)
+        self.qkv = layers.Linear(dim, 3 * dim, bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.proj = layers.Linear(dim, dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        out = attn_lib.attention(q, k, v, implementation=self.attention_impl)
+        return self.proj(out.reshape(b, t, d))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block (LayerNorm eps 1e-6), stochastic depth on both residuals."""
+
+    def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, drop_path: float,
+                 attention_impl: str | None, dtype=None, rngs: nnx.Rngs):
+        self.norm1 = layers.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attention_impl=attention_impl, dtype=dtype,
+                              rngs=rngs)
+        self.norm2 = layers.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+        self.drop_path = layers.DropPath(drop_path, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nnx.Module):
+    """timm ``VisionTransformer`` with ``global_pool='token'`` on NHWC images."""
+
+    torch_params = {"cls_token": ("cls_token", None), "pos_embed": ("pos_embed", None)}
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        attention_impl: str | None = None,
+        dtype=None,
+        rngs: nnx.Rngs,
+    ):
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.dtype = dtype
+        self.grid = img_size // patch_size
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, dtype=dtype, rngs=rngs)
+        self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, embed_dim)))
+        self.pos_embed = nnx.Param(layers.TRUNC_NORMAL_02(rngs.params(), (1, 1 + self.grid ** 2, embed_dim)))
+        rates = np.linspace(0.0, drop_path_rate, depth)
+        self.blocks = nnx.List([
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=float(rates[i]),
+                  attention_impl=attention_impl, dtype=dtype, rngs=rngs)
+            for i in range(depth)
+        ])
+        self.norm = layers.LayerNorm(embed_dim, eps=1e-6)
+        self.head = layers.Linear(embed_dim, num_classes, dtype=dtype, rngs=rngs) if num_classes > 0 else None
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """Patch tokens, class token prepended, position embedding added: ``(N, 1 + HW, D)``."""
+        n, h, w, _ = images.shape
+        if h != w or h != self.grid * self.patch_size:
+            size = self.grid * self.patch_size
+            raise ValueError(
+                f"this ViT was built for {size}x{size} images (a {self.grid}x{self.grid} position embedding) "
+                f"but got {h}x{w}; resize the images or build the model with img_size={h}"
+            )
+        x = self.patch_embed(images if self.dtype is None else images.astype(self.dtype))
+        cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (n, 1, x.shape[-1]))
+        return jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+
+    def block_outputs(self, images: jax.Array) -> list[jax.Array]:
+        """The token sequence after each block, ``(N, 1 + HW, D)`` each, before the final norm."""
+        x = self.embed(images)
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        return outs
+
+    def forward_features(self, images: jax.Array) -> jax.Array:
+        """Final tokens after the final LayerNorm (timm's ``forward_features``)."""
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def tokens_to_map(self, tokens: jax.Array) -> jax.Array:
+        """Drop the class token and reshape the row-major patch tokens to an NHWC map."""
+        n, t, d = tokens.shape
+        return tokens[:, 1:].reshape(n, self.grid, self.grid, d)
+
+    def features(self, images: jax.Array, *, norm: bool = True, blocks: Sequence[int] | None = None) -> list[jax.Array]:
+        """Patch-token maps ``(N, 14, 14, D)`` for feature distillation, in block order.
+
+        By default one map: the last block's tokens after the final LayerNorm, i.e. what timm's
+        ``forward_features`` returns and the classifier reads (the FD loss whitens the teacher
+        map per token anyway, so the norm only adds its per-channel affine). ``blocks`` picks
+        other block indices (negative counts from the end); as in timm's
+        ``forward_intermediates``, ``norm`` applies the final LayerNorm to every returned map.
+        """
+        depth = len(self.blocks)
+        take = [depth - 1] if blocks is None else sorted({b % depth for b in blocks})
+        x = self.embed(images)
+        maps = []
+        for i, block in enumerate(self.blocks):
+            if i > take[-1]:
+                break
+            x = block(x)
+            if i in take:
+                maps.append(self.tokens_to_map(self.norm(x) if norm else x))
+        return maps
+
+    def head_from_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Linear head on the class token of the normed tokens; float32 logits."""
+        pre_logits = tokens[:, 0]
+        out = pre_logits if self.head is None else self.head(pre_logits)
+        return out.astype(jnp.float32)
+
+    def named_intermediates(self, images: jax.Array) -> dict[str, jax.Array]:
+        """Every intermediate under its timm module name (as in the golden ``.npz``), and logits."""
+        out: dict[str, jax.Array] = {"embed": self.embed(images)}
+        x = out["embed"]
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            out[f"blocks_{i}"] = x
+        out["tokens_pre_norm"] = x
+        out["tokens_post_norm"] = self.norm(x)
+        out["pre_logits"] = out["tokens_post_norm"][:, 0]
+        out["logits"] = self.head_from_tokens(out["tokens_post_norm"])
+        return out
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.head_from_tokens(self.forward_features(images))
+
+
+# --- converter hooks -------------------------------------------------------------------------
+
+def _depth(sd: StateDict) -> int:
+    idx = [int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))]
+    return max(idx) + 1 if idx else 0
+
+
+def default_num_heads(embed_dim: int) -> int | None:
+    """Published ViTs use 64-channel heads (Ti/S/B/L: 3/6/12/16 heads); None if that cannot apply."""
+    return embed_dim // 64 if embed_dim % 64 == 0 else None
+
+
+def infer_config(sd: StateDict) -> dict[str, Any]:
+    """ViT hyperparameters from tensor shapes; ``num_heads`` from the 64-channel-head convention."""
+    unsupported = [k for k in ("fc_norm.weight", "reg_token", "blocks.0.ls1.gamma", "blocks.0.attn.q_norm.weight")
+                   if k in sd]
+    if unsupported:
+        raise ValueError(f"unsupported ViT variant (keys {unsupported}); only timm's class-token ViT "
+                         "without layer scale, registers or qk-norm is implemented")
+    proj = sd["patch_embed.proj.weight"]
+    embed_dim, in_chans, patch_size = int(proj.shape[0]), int(proj.shape[1]), int(proj.shape[2])
+    num_patches = int(sd["pos_embed"].shape[1]) - 1
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise ValueError(f"pos_embed holds {num_patches} patch positions, not a square grid")
+    return {
+        "img_size": grid * patch_size,
+        "patch_size": patch_size,
+        "in_chans": in_chans,
+        "num_classes": int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
+        "embed_dim": embed_dim,
+        "depth": _depth(sd),
+        "num_heads": default_num_heads(embed_dim),
+        "mlp_ratio": int(sd["blocks.0.mlp.fc1.weight"].shape[0]) / embed_dim,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+    }
+
+
+def looks_like(sd: StateDict) -> bool:
+    return "cls_token" in sd and "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd
+
+
+def build(**config: Any) -> VisionTransformer:
+    if config.get("num_heads", 6) is None:
+        raise ValueError(
+            f"num_heads cannot be read from a ViT checkpoint and embed_dim {config.get('embed_dim')} does not fit "
+            "the 64-channel-head convention; pass it explicitly, e.g. overrides={'num_heads': 3}"
+        )
+    return VisionTransformer(**config)
+
+
+register_family(Family(
+    name="vit",
+    build=build,
+    infer_config=infer_config,
+    looks_like=looks_like,
+    default_keys=("model", "state_dict", "model_ema", "state_dict_ema"),
+))
+
+register_model("vit_small_patch16_224", "vit", img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
+register_model("vit_mini", "vit", img_size=224, patch_size=16, embed_dim=96, depth=2, num_heads=3, num_classes=10)
