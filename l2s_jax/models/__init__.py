@@ -27,4 +27,5 @@ __all__ = [
 ]
 
 from l2s_jax.models import convnext, slak  # noqa: E402,F401  (registers the families)
+from l2s_jax.models import vit, swin, cswin  # noqa: E402,F401
 from l2s_jax.models import resnet, mobilenetv3  # noqa: E402,F401  (registers the families)
