@@ -49,6 +49,14 @@ def test_build_is_deterministic_balanced_and_matches_the_generator(tmp_path):
     assert demo.prepare_demo(tmp_path / "a", **kwargs).is_prepared()  # reused, not rebuilt
 
 
+def test_default_parameters_use_the_predefined_config(tmp_path):
+    builder = demo.demo_builder(tmp_path)
+    assert builder.builder_config is demo.L2SDemo.BUILDER_CONFIGS[0]
+    assert (builder.builder_config.image_size, builder.builder_config.num_train) == (32, 4000)
+    assert not builder.is_prepared()
+    assert demo.demo_builder(tmp_path, num_train=8).builder_config.num_train == 8
+
+
 def test_each_marker_alone_is_independent_of_the_class(generated):
     (_, labels, markers), _ = generated
     colours = np.array([[m.colour for m in pair] for pair in markers])

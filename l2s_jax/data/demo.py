@@ -286,6 +286,25 @@ class L2SDemo(tfds.core.GeneratorBasedBuilder):
             yield i, {"image": image, "label": label}
 
 
+def demo_builder(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    image_size: int = 32,
+    num_train: int = 4000,
+    num_test: int = 1000,
+    seed: int = 0,
+) -> L2SDemo:
+    """The demo builder for these parameters under ``data_dir`` (not necessarily built yet)."""
+    config = demo_config(image_size, num_train, num_test, seed)
+    # TFDS refuses a config object named like a predefined one: pass the predefined one by name.
+    predefined = {c.name for c in L2SDemo.BUILDER_CONFIGS}
+    return L2SDemo(
+        config=config.name if config.name in predefined else config,
+        data_dir=default_data_dir(data_dir),
+        file_format="array_record",
+    )
+
+
 def prepare_demo(
     data_dir: str | os.PathLike | None = None,
     *,
@@ -295,10 +314,7 @@ def prepare_demo(
     seed: int = 0,
 ) -> L2SDemo:
     """The demo builder, built to ArrayRecord under ``data_dir`` on first use (seconds)."""
-    root = default_data_dir(data_dir)
-    builder = L2SDemo(
-        config=demo_config(image_size, num_train, num_test, seed), data_dir=root, file_format="array_record"
-    )
+    builder = demo_builder(data_dir, image_size=image_size, num_train=num_train, num_test=num_test, seed=seed)
     if not builder.is_prepared():
-        builder.download_and_prepare(download_dir=os.path.join(root, "downloads"))
+        builder.download_and_prepare(download_dir=os.path.join(default_data_dir(data_dir), "downloads"))
     return builder
