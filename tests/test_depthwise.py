@@ -25,6 +25,7 @@ CASES = [
     (2, 10, 7, 3, 13, 5, None),
     (2, 10, 7, 3, 7, 7, (0, 0)),  # 'valid'
     (1, 9, 6, 2, 3, 5, (4, 1)),  # custom padding, beyond the kernel's reach in H
+    (1, 40, 36, 2, 7, 7, None),  # map above the DFT/FFT switch (shift's FFT kernel gradient)
 ]
 
 

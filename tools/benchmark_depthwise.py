@@ -90,8 +90,13 @@ def _student_jax(h: int, c: int, k: int, batch: int, impls: list[str]) -> dict[s
     w = jnp.asarray(rng.standard_normal((k, k, c)) * 0.05, jnp.float32)
     dy = jnp.asarray(rng.standard_normal((batch, h, h, c)), jnp.float32)
     fns = {}
+    def step(x, w, dy, impl):
+        # y is returned too: otherwise XLA drops the forward as dead code.
+        y, vjp = jax.vjp(lambda x, w: depthwise_conv2d(x, w, None, impl), x, w)
+        return (y,) + vjp(dy)
+
     for impl in impls:
-        f = jax.jit(lambda x, w, dy, impl=impl: jax.vjp(lambda x, w: depthwise_conv2d(x, w, None, impl), x, w)[1](dy))
+        f = jax.jit(lambda x, w, dy, impl=impl: step(x, w, dy, impl))
         fns[impl] = (lambda f=f: f(x, w, dy))
     return fns
 

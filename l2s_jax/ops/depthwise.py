@@ -76,14 +76,16 @@ def resolve_impl(impl: str, height: int, width: int, kh: int, kw: int) -> str:
         return "direct"
     if kh <= _SHIFT_MAX_TAPS and kw <= _SHIFT_MAX_TAPS:
         return "shift"
-    # Circular lengths for 'same' padding: n + k // 2 (kernels are already cropped).
-    if max(height + kh // 2, width + kw // 2) <= _DFT_MAX_LENGTH:
-        return "dft"
-    return "fft"
+    return "dft" if _prefer_dft(height, width) else "fft"
 
 
 _SHIFT_MAX_TAPS = 7
-_DFT_MAX_LENGTH = 64
+_DFT_MAX_SIDE = 32
+
+
+def _prefer_dft(height: int, width: int) -> bool:
+    """Matmul DFT over XLA's FFT: its cost per spectrum point grows with the map side."""
+    return max(height, width) <= _DFT_MAX_SIDE
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -165,16 +167,15 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _phase(rows: int, cols: int, length: int, col_offset: int = 0) -> jax.Array:
-    """Angles ``2 pi ((r * (c + col_offset)) mod length) / length`` built in-graph from iota.
+def _phase(rows: int, cols: int, length: int, row_offset: int = 0, col_offset: int = 0) -> jax.Array:
+    """Angles ``2 pi ((r + row_offset) * (c + col_offset) mod length) / length``, in-graph.
 
-    The product is reduced modulo ``length`` in integers first, so the float32 angle stays
-    in ``[0, 2 pi)`` and cos/sin are accurate to ~1e-7 whatever the sizes.
+    Built from iota and reduced modulo ``length`` in integers first, so the float32 angle
+    stays in ``[0, 2 pi)`` and cos/sin are accurate to ~1e-7 whatever the sizes.
     """
-    r = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0)
+    r = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0) + row_offset
     c = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1) + col_offset
-    m = jnp.mod(r * c, length)
-    return m.astype(jnp.float32) * jnp.float32(2 * jnp.pi / length)
+    return jnp.mod(r * c, length).astype(jnp.float32) * jnp.float32(2 * jnp.pi / length)
 
 
 # ----------------------------------------------------------------------------- direct
@@ -257,17 +258,25 @@ def _fft(x: jax.Array, kernel: jax.Array, g: _Geom) -> jax.Array:
     return _fft_forward(x, kernel, g)[0]
 
 
+def _fft_kernel_grad(xs: jax.Array, ds: jax.Array, g: _Geom) -> jax.Array:
+    """Kernel gradient from input and output-cotangent spectra (N, C, Lh, Lw//2+1).
+
+    dk is the correlation of dy with x: spectrum X * conj(DY), summed over the batch before
+    the single (C-sized) inverse transform; tap ``a`` sits at circular lag ``a - p``.
+    """
+    dg = jnp.fft.irfft2(jnp.sum(xs * jnp.conj(ds), axis=0), s=(g.lh, g.lw))
+    dk = jnp.roll(dg, (g.ph, g.pw), axis=(1, 2))[:, : g.kh, : g.kw]
+    return jnp.transpose(dk, (1, 2, 0))
+
+
 def _fft_bwd(g: _Geom, res, dy: jax.Array):
-    # y = crop(x (*) k) with (*) circular correlation, so dx = pad(dy) * k (convolution:
-    # spectrum DY * K) and dk = correlation of dy with x (spectrum X * conj(DY), summed
-    # over the batch before the single inverse transform). Avoids JAX's transpose of rfft,
-    # which runs a full complex FFT.
+    # y = crop(x (*) k) with (*) circular correlation, so dx = pad(dy) * k, a convolution
+    # (spectrum DY * K). Avoids JAX's transpose of rfft, which runs a full complex FFT.
     xs, ks = res
     ds = jnp.fft.rfft2(_to_nchw(dy, _real_dtype(xs.dtype)), s=(g.lh, g.lw))
     dx = jnp.fft.irfft2(ds * ks, s=(g.lh, g.lw))[:, :, : g.h, : g.w]
-    dg = jnp.fft.irfft2(jnp.sum(xs * jnp.conj(ds), axis=0), s=(g.lh, g.lw))
-    dk = jnp.roll(dg, (g.ph, g.pw), axis=(1, 2))[:, : g.kh, : g.kw]
-    return jnp.transpose(dx, (0, 2, 3, 1)).astype(dy.dtype), jnp.transpose(dk, (1, 2, 0)).astype(dy.dtype)
+    dk = _fft_kernel_grad(xs, ds, g)
+    return jnp.transpose(dx, (0, 2, 3, 1)).astype(dy.dtype), dk.astype(dy.dtype)
 
 
 _fft.defvjp(_fft_forward, _fft_bwd)
@@ -278,77 +287,104 @@ _fft.defvjp(_fft_forward, _fft_bwd)
 # Working layout: a map (N, H, W, C) is viewed as (H, W * N * C). The real DFT along H is
 # one GEMM (2*Fh, H) @ (H, W*N*C) with rows (frequency, re/im); the complex DFT along W is a
 # batched GEMM over the Fh frequencies, (2*Lw, 2*W) @ (2*W, N*C), whose rows and columns are
-# (re/im, index). The synthesis mirrors it. All matrices are real and channel-independent,
-# and the backward uses their transposes (the adjoint of each stage).
+# (re/im, index). The synthesis mirrors it; the kernel's spectrum is the same analysis of
+# the kernel placed at offsets -p. All matrices are real, channel-independent and built
+# directly in the orientation each GEMM consumes (a transposed operand would fall off
+# XLA:CPU's fast matmul path); the backward uses the adjoint (transposed) stages.
 
 
-def _dft_matrices(g: _Geom, dtype) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Analysis ``A1 (2Fh, H)``, ``A2 (2Lw, 2W)`` and synthesis ``S3 (2Wo, 2Lw)``, ``S4 (Ho, 2Fh)``."""
-    fh = g.fh
-    t = _phase(fh, g.h, g.lh)
-    a1 = jnp.stack([jnp.cos(t), -jnp.sin(t)], axis=1).reshape(2 * fh, g.h)
-    t = _phase(g.lw, g.w, g.lw)
-    c, s = jnp.cos(t), jnp.sin(t)
-    a2 = jnp.block([[c, s], [-s, c]])  # (re + i im)(cos - i sin)
-    t = _phase(g.wo, g.lw, g.lw)
-    c, s = jnp.cos(t) / g.lw, jnp.sin(t) / g.lw
-    s3 = jnp.block([[c, -s], [s, c]])  # (re + i im)(cos + i sin) / Lw
-    # Half-spectrum inverse along H: y = sum_f w_f Re(U_f e^{+i t}) / Lh, w_f = 2 except at
-    # f = 0 and the Nyquist frequency (counted once).
-    f = jnp.arange(fh)
-    wt = jnp.where((f == 0) | (2 * f == g.lh), 1.0, 2.0).astype(jnp.float32) / g.lh
-    t = _phase(g.ho, fh, g.lh)
-    s4 = jnp.stack([jnp.cos(t) * wt, -jnp.sin(t) * wt], axis=2).reshape(g.ho, 2 * fh)
-    return tuple(m.astype(dtype) for m in (a1, a2, s3, s4))
+def _cos_sin(n: int, length: int, rows: int, offset: int, transpose: bool) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of ``2 pi f (j + offset) / length`` for frequency ``f < rows`` and index
+    ``j < n``, as ``(rows, n)`` arrays, or ``(n, rows)`` when ``transpose``."""
+    t = _phase(n, rows, length, row_offset=offset) if transpose else _phase(rows, n, length, col_offset=offset)
+    return jnp.cos(t), jnp.sin(t)
 
 
-def _dft_kernel_spectrum(kernel: jax.Array, g: _Geom) -> tuple[jax.Array, jax.Array]:
-    """Real and imaginary parts ``(Fh, Lw, C)`` of the kernel's DFT, kernel tap ``a`` at ``a - p``."""
-    dtype = kernel.dtype
-    th = _phase(g.fh, g.kh, g.lh, -g.ph)
-    tw = _phase(g.lw, g.kw, g.lw, -g.pw)
-    ch, sh = jnp.cos(th).astype(dtype), jnp.sin(th).astype(dtype)
-    cw, sw = jnp.cos(tw).astype(dtype), jnp.sin(tw).astype(dtype)
-    ar = jnp.einsum("fa,abc->fbc", ch, kernel, precision=_HI)
-    ai = -jnp.einsum("fa,abc->fbc", sh, kernel, precision=_HI)
-    # (ar + i ai)(cw - i sw)
-    gr = jnp.einsum("qb,fbc->fqc", cw, ar, precision=_HI) + jnp.einsum("qb,fbc->fqc", sw, ai, precision=_HI)
-    gi = jnp.einsum("qb,fbc->fqc", cw, ai, precision=_HI) - jnp.einsum("qb,fbc->fqc", sw, ar, precision=_HI)
-    return gr, gi
+def _rdft(n: int, length: int, offset: int = 0, transpose: bool = False) -> jax.Array:
+    """Half-spectrum real DFT ``(2F, n)``, rows (frequency, re/im), ``F = length // 2 + 1``;
+    or its transpose ``(n, 2F)``."""
+    f = length // 2 + 1
+    c, s = _cos_sin(n, length, f, offset, transpose)
+    if transpose:
+        return jnp.stack([c, -s], axis=2).reshape(n, 2 * f)
+    return jnp.stack([c, -s], axis=1).reshape(2 * f, n)
+
+
+def _cdft(n: int, length: int, offset: int = 0, transpose: bool = False) -> jax.Array:
+    """Complex DFT on (re, im)-stacked vectors, ``(2 length, 2n)``; or its transpose."""
+    c, s = _cos_sin(n, length, length, offset, transpose)
+    if transpose:
+        return jnp.block([[c, -s], [s, c]])
+    return jnp.block([[c, s], [-s, c]])  # (re + i im)(cos - i sin)
+
+
+def _half_weights(length: int, transpose: bool) -> jax.Array:
+    """Hermitian weights of the half spectrum (1 at f = 0 and Nyquist, else 2) over ``length``,
+    repeated over (re, im), as a column (rows of a 2F-row matrix) or a row."""
+    f = jnp.arange(length // 2 + 1)
+    w = jnp.where((f == 0) | (2 * f == length), 1.0, 2.0).astype(jnp.float32) / length
+    w = jnp.repeat(w, 2)
+    return w[None, :] if transpose else w[:, None]
+
+
+def _synthesis_matrices(g: _Geom, adjoint: bool) -> tuple[jax.Array, jax.Array]:
+    """Inverse complex DFT along W to ``wo`` outputs and half-spectrum inverse along H to
+    ``ho`` outputs: ``(2wo, 2Lw)``, ``(ho, 2Fh)``; or their transposes (``adjoint``)."""
+    s3 = _cdft(g.wo, g.lw, transpose=not adjoint) / g.lw  # (re + i im)(cos + i sin) / Lw
+    s4 = _rdft(g.ho, g.lh, transpose=not adjoint) * _half_weights(g.lh, transpose=not adjoint)
+    return s3, s4
 
 
 def _bmm(m: jax.Array, a: jax.Array) -> jax.Array:
     """``m @ a[i]`` for every leading index ``i`` (one batched GEMM, canonical layout)."""
-    return jnp.matmul(jnp.broadcast_to(m, (a.shape[0],) + m.shape), a, precision=_HI)
+    return jnp.matmul(jnp.broadcast_to(m.astype(a.dtype), (a.shape[0],) + m.shape), a, precision=_HI)
 
 
 def _dft_analysis(xt: jax.Array, a1: jax.Array, a2: jax.Array, fh: int, nc: int) -> jax.Array:
     """(H_in, W_in*NC) map -> (Fh, 2*L, NC) spectrum (rows re/im, frequency)."""
-    a = jnp.dot(a1, xt, precision=_HI).reshape(fh, -1, nc)
+    a = jnp.dot(a1.astype(xt.dtype), xt, precision=_HI).reshape(fh, -1, nc)
     return _bmm(a2, a)
 
 
 def _dft_synthesis(z: jax.Array, s3: jax.Array, s4: jax.Array, fh: int) -> jax.Array:
     """(Fh, 2*L, NC) spectrum -> (H_out, W_out*NC) map."""
     u = _bmm(s3, z)
-    return jnp.dot(s4, u.reshape(2 * fh, -1), precision=_HI)
+    return jnp.dot(s4.astype(z.dtype), u.reshape(2 * fh, -1), precision=_HI)
+
+
+def _dft_kernel_spectrum(kernel: jax.Array, g: _Geom) -> jax.Array:
+    """Spectrum ``(Fh, 2Lw, C)`` of the kernel with tap ``a`` at circular position ``a - p``."""
+    kh, kw, c = kernel.shape
+    return _dft_analysis(kernel.reshape(kh, kw * c), _rdft(kh, g.lh, -g.ph), _cdft(kw, g.lw, -g.pw), g.fh, c)
+
+
+def _dft_kernel_spectrum_adjoint(dg: jax.Array, g: _Geom) -> jax.Array:
+    """Adjoint of :func:`_dft_kernel_spectrum`: ``(Fh, 2Lw, C)`` -> ``(kh, kw, C)``."""
+    c = dg.shape[-1]
+    dk = _dft_synthesis(dg, _cdft(g.kw, g.lw, -g.pw, transpose=True), _rdft(g.kh, g.lh, -g.ph, transpose=True), g.fh)
+    return dk.reshape(g.kh, g.kw, c)
 
 
 def _split(z: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """(Fh, 2L, N*C) -> real and imaginary parts (Fh, L, N, C)."""
     fh, two_l, nc = z.shape
     z = z.reshape(fh, 2, two_l // 2, n, nc // n)
     return z[:, 0], z[:, 1]
 
 
-def _cmul(z: jax.Array, gr: jax.Array, gi: jax.Array, n: int, conj: bool) -> jax.Array:
-    """Multiply the spectrum by the kernel's (broadcast over the batch), or by its conjugate."""
-    zr, zi = _split(z, n)
-    gr, gi = gr[:, :, None, :], gi[:, :, None, :]
-    if conj:
-        out = (zr * gr + zi * gi, zi * gr - zr * gi)
-    else:
-        out = (zr * gr - zi * gi, zr * gi + zi * gr)
-    return jnp.stack(out, axis=1).reshape(z.shape)
+def _cmul(z: jax.Array, spec: jax.Array, n: int, conj: bool) -> jax.Array:
+    """Multiply the spectrum by the kernel's (broadcast over the batch), or by its conjugate.
+
+    Written as ``z * [gr, gr] + swap(z) * [+-gi, -+gi]`` with ``swap`` exchanging the re/im
+    halves (a reverse), so XLA emits one elementwise loop instead of a concatenation.
+    """
+    fh, two_l, nc = z.shape
+    z5 = z.reshape(fh, 2, two_l // 2, n, nc // n)
+    gr, gi = _split(spec, 1)
+    sign = jnp.asarray([1.0, -1.0] if conj else [-1.0, 1.0], z.dtype)[None, :, None, None, None]
+    a = jnp.stack([gr, gr], axis=1)
+    b = jnp.stack([gi, gi], axis=1) * sign
+    return (z5 * a + jnp.flip(z5, axis=1) * b).reshape(z.shape)
 
 
 def _to_hwnc(a: jax.Array, dtype) -> jax.Array:
@@ -361,32 +397,36 @@ def _from_hwnc(a: jax.Array, n: int, c: int, dtype) -> jax.Array:
     return jnp.transpose(a.reshape(h, -1, n, c), (2, 0, 1, 3)).astype(dtype)
 
 
-def _dft_forward(x: jax.Array, kernel: jax.Array, g: _Geom):
+def _dft_input_spectrum(x: jax.Array, g: _Geom, dtype) -> jax.Array:
     n, _, _, c = x.shape
-    ct = _compute_dtype(x.dtype)
-    a1, a2, s3, s4 = _dft_matrices(g, ct)
-    xs = _dft_analysis(_to_hwnc(x, ct), a1, a2, g.fh, n * c)
-    gr, gi = _dft_kernel_spectrum(kernel.astype(ct), g)
-    y = _dft_synthesis(_cmul(xs, gr, gi, n, conj=True), s3, s4, g.fh)
-    return _from_hwnc(y, n, c, x.dtype), (xs, gr, gi)
+    return _dft_analysis(_to_hwnc(x, dtype), _rdft(g.h, g.lh), _cdft(g.w, g.lw), g.fh, n * c)
 
 
 def _dft_output_spectrum(dy: jax.Array, g: _Geom, dtype) -> jax.Array:
     """Cotangent of the forward's product spectrum: the adjoint of the synthesis applied to dy."""
     n, _, _, c = dy.shape
-    _, _, s3, s4 = _dft_matrices(g, dtype)
-    return _dft_analysis(_to_hwnc(dy, dtype), s4.T, s3.T, g.fh, n * c)
+    s3t, s4t = _synthesis_matrices(g, adjoint=True)
+    return _dft_analysis(_to_hwnc(dy, dtype), s4t, s3t, g.fh, n * c)
 
 
 def _dft_kernel_grad(xs: jax.Array, ds: jax.Array, n: int, g: _Geom) -> jax.Array:
     """Kernel gradient from the input spectrum and the product spectrum's cotangent."""
     xr, xi = _split(xs, n)
     dr, di = _split(ds, n)
-    dgr = jnp.sum(dr * xr + di * xi, axis=2)  # d/dgr of (xr gr + xi gi, xi gr - xr gi)
+    # Z = X conj(G): zr = xr gr + xi gi, zi = xi gr - xr gi; sum the batch in frequency.
+    dgr = jnp.sum(dr * xr + di * xi, axis=2)
     dgi = jnp.sum(dr * xi - di * xr, axis=2)
-    proto = jax.ShapeDtypeStruct((g.kh, g.kw, xs.shape[-1] // n), xs.dtype)
-    (dk,) = jax.linear_transpose(lambda k: _dft_kernel_spectrum(k, g), proto)((dgr, dgi))
-    return dk
+    return _dft_kernel_spectrum_adjoint(jnp.concatenate([dgr, dgi], axis=1), g)
+
+
+def _dft_forward(x: jax.Array, kernel: jax.Array, g: _Geom):
+    n, _, _, c = x.shape
+    ct = _compute_dtype(x.dtype)
+    xs = _dft_input_spectrum(x, g, ct)
+    ks = _dft_kernel_spectrum(kernel.astype(ct), g)
+    s3, s4 = _synthesis_matrices(g, adjoint=False)
+    y = _dft_synthesis(_cmul(xs, ks, n, conj=True), s3, s4, g.fh)
+    return _from_hwnc(y, n, c, x.dtype), (xs, ks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -395,11 +435,11 @@ def _dft(x: jax.Array, kernel: jax.Array, g: _Geom) -> jax.Array:
 
 
 def _dft_bwd(g: _Geom, res, dy: jax.Array):
-    xs, gr, gi = res
+    xs, ks = res
     n, _, _, c = dy.shape
-    a1, a2, _, _ = _dft_matrices(g, xs.dtype)
     ds = _dft_output_spectrum(dy, g, xs.dtype)
-    dx = _dft_synthesis(_cmul(ds, gr, gi, n, conj=False), a2.T, a1.T, g.fh)
+    dxs = _cmul(ds, ks, n, conj=False)
+    dx = _dft_synthesis(dxs, _cdft(g.w, g.lw, transpose=True), _rdft(g.h, g.lh, transpose=True), g.fh)
     dk = _dft_kernel_grad(xs, ds, n, g)
     return _from_hwnc(dx, n, c, dy.dtype), dk.astype(dy.dtype)
 
@@ -443,12 +483,18 @@ def _shift_bwd(g: _Geom, res, dy: jax.Array):
     x, kernel = res
     # dx[j] = sum_a dy[j + p - a] k[a]: a correlation of dy with the flipped kernel.
     dx = _shift_add(dy, kernel[::-1, ::-1], (g.kh - 1 - g.ph, g.kw - 1 - g.pw))
-    # dk: a 49-tap reduction is ~10x slower on XLA:CPU than the DFT path's two analyses.
+    # dk by transforms of x and dy (a 49-tap reduction is several times slower on XLA:CPU):
+    # matmul DFT on small maps, FFT on large ones (as resolve_impl for large kernels).
     ct = _compute_dtype(x.dtype)
-    a1, a2, _, _ = _dft_matrices(g, ct)
-    xs = _dft_analysis(_to_hwnc(x, ct), a1, a2, g.fh, x.shape[0] * x.shape[-1])
-    ds = _dft_output_spectrum(dy, g, ct)
-    dk = _dft_kernel_grad(xs, ds, x.shape[0], g)
+    if _prefer_dft(g.h, g.w):
+        xs = _dft_input_spectrum(x, g, ct)  # g has the minimal circular lengths
+        ds = _dft_output_spectrum(dy, g, ct)
+        dk = _dft_kernel_grad(xs, ds, x.shape[0], g)
+    else:
+        gf = g._replace(lh=_fast_len(g.lh), lw=_fast_len(g.lw))
+        xs = jnp.fft.rfft2(_to_nchw(x, ct), s=(gf.lh, gf.lw))
+        ds = jnp.fft.rfft2(_to_nchw(dy, ct), s=(gf.lh, gf.lw))
+        dk = _fft_kernel_grad(xs, ds, gf)
     return dx.astype(dy.dtype), dk.astype(kernel.dtype)
 
 
