@@ -262,3 +262,14 @@ def test_headless_model_returns_pooled_features():
     out = nnx.eval_shape(lambda m: m(jnp.zeros((1, 64, 64, 3))), model)
     assert out.shape == (1, 128)
     assert model.feature_channels == (32, 64, 96, 128)
+
+
+def test_jitted_gradient_through_the_stem_pool():
+    """Training needs grad under jit through the max-pool (an array init value broke it)."""
+    from l2s_jax.models.resnet import max_pool_3x3_s2
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    g = jax.jit(jax.grad(lambda x: jnp.sum(max_pool_3x3_s2(x) ** 2)))(x)
+    assert g.shape == x.shape and float(jnp.abs(g).sum()) > 0
+    # Each output's max position receives 2 * value; padding never wins.
+    np.testing.assert_allclose(float(jnp.sum(g * x)), 2 * float(jnp.sum(max_pool_3x3_s2(x) ** 2)), rtol=1e-5)

@@ -38,9 +38,13 @@ def _torch_linear_init(fan_in: int):
 
 
 def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-    """``nn.MaxPool2d(3, stride=2, padding=1)`` on NHWC: the padding never wins the max."""
+    """``nn.MaxPool2d(3, stride=2, padding=1)`` on NHWC: the padding never wins the max.
+
+    The init value is a Python scalar: an array init value makes ``reduce_window`` impossible
+    to differentiate under ``jit``.
+    """
     return jax.lax.reduce_window(
-        x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+        x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
     )
 
 
