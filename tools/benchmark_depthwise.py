@@ -14,7 +14,8 @@ implementation and its ratio to PyTorch. Cases:
   the kernel for a random cotangent).
 
 Usage: ``python tools/benchmark_depthwise.py [--batch 8] [--repeats 5] [--quick]``.
-Timings on a shared machine are noisy: compare ratios within one run.
+A second table gives the process CPU time of the same runs. Timings on a shared machine are
+noisy: compare ratios within one run.
 """
 from __future__ import annotations
 
@@ -44,17 +45,24 @@ SMALL = 5
 SHIFT_MAX_TAPS = 13 * 5
 
 
-def _time(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[object], None]) -> dict[str, float]:
-    """Median milliseconds per callable; callables are interleaved within each repeat."""
+def _time(fns: dict[str, Callable[[], object]], repeats: int,
+          sync: Callable[[object], None]) -> dict[str, tuple[float, float]]:
+    """(wall, process CPU) median milliseconds per callable, interleaved within each repeat.
+
+    The CPU time (all threads of this process) is the work done; on a machine shared with
+    other jobs it is steadier than the wall time, which also counts waiting for a core.
+    """
     for f in fns.values():
         sync(f())
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, f in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sync(f())
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
 def _jax_sync(out: object) -> None:
@@ -153,26 +161,35 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__ if torch else '-'}, "
           f"batch {args.batch}, median of {repeats}, ms")
-    cols = impls + ["torch_cl", "best", "best/torch"]
-    print(f"{'case':<12} {'shape':<18} {'auto->':<7} " + " ".join(f"{c:>10}" for c in cols))
+    cols = impls + ["torch_cl"]
+    header = f"{'case':<12} {'shape':<18} {'auto->':<7} " + " ".join(f"{c:>9}" for c in cols)
+    print("wall-clock ms")
+    print(header + f" {'best':>9} {'best/torch':>10}")
     cases = [("teacher", t) for t in teacher if "teacher" in args.cases] + \
             [("student", s) for s in student if "student" in args.cases]
+    cpu_rows = []
     for kind, (name, h, c, k) in cases:
         make = _teacher_jax if kind == "teacher" else _student_jax
-        fns = make(h, c, k, args.batch, impls)
-        times = _time(fns, repeats, _jax_sync)
+        times = _time(make(h, c, k, args.batch, impls), repeats, _jax_sync)
         tf = _torch_fns(kind, h, c, k, args.batch)
         if tf is not None:
             times["torch_cl"] = _time({"t": tf}, repeats, lambda o: None)["t"]
-        jax_times = {i: t for i, t in times.items() if i in impls}
-        best = min(jax_times, key=jax_times.get)
-        ratio = jax_times[best] / times["torch_cl"] if "torch_cl" in times else float("nan")
-        kk = min(k, 2 * h - 1)
-        auto = resolve_impl("auto", h, h, kk, kk)
-        cells = [f"{times[i]:10.1f}" if i in times else f"{'-':>10}" for i in impls + ["torch_cl"]]
-        cells += [f"{best:>10}", f"{ratio:10.2f}"]
-        shape = f"{h}x{h}x{c} K{k}" + (" fb" if kind == "student" else "")
-        print(f"{name:<12} {shape:<18} {auto:<7} " + " ".join(cells), flush=True)
+        kk = min(k, 2 * h - 1)  # the kernel after cropping to the map
+        label = f"{name:<12} {f'{h}x{h}x{c} K{k}' + (' fb' if kind == 'student' else ''):<18} " \
+                f"{resolve_impl('auto', h, h, kk, kk):<7} "
+        for col, idx in (("wall", 0), ("cpu", 1)):
+            jax_t = {i: times[i][idx] for i in impls if i in times}
+            best = min(jax_t, key=jax_t.get)
+            ratio = jax_t[best] / times["torch_cl"][idx] if "torch_cl" in times else float("nan")
+            cells = " ".join(f"{times[i][idx]:9.1f}" if i in times else f"{'-':>9}" for i in cols)
+            row = label + cells + f" {best:>9} {ratio:10.2f}"
+            if col == "wall":
+                print(row, flush=True)
+            else:
+                cpu_rows.append(row)
+    print("process CPU ms (all threads; steadier on a shared machine)")
+    print(header + f" {'best':>9} {'best/torch':>10}")
+    print("\n".join(cpu_rows))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,17 @@ tested equal in value and in gradient (w.r.t. input and kernel):
   independent; beats XLA's FFT on small and medium maps.
 * ``"shift"``: shift-and-add, one fused elementwise loop over the taps (vectorised over
   channels); the backward computes the input gradient the same way with the flipped kernel
-  and the kernel gradient with the DFT path (a tap-by-tap reduction is ~10x slower on XLA:CPU).
-  For small kernels (3x3 ... 7x7).
+  and the kernel gradient from transforms of x and dy (DFT on small maps, FFT on large
+  ones; a tap-by-tap reduction is ~10x slower on XLA:CPU). For small kernels (3x3 ... 7x7).
 * ``"toeplitz"``: banded-Toeplitz batched matmul with channels on the matmul batch axis,
   along the axis of the longer kernel extent (W for wide/square kernels, H for tall ones);
-  the shifts of the other kernel axis are stacked into the contraction.
+  the shifts of the other kernel axis are stacked into the contraction. Never faster than
+  the others here (kh x the input's memory, W/kw x the FLOPs); kept as a matmul-only
+  formulation without custom VJP.
 
-``"auto"`` picks per backend and shape (see :func:`resolve_impl`). Weights are always
+``"auto"`` picks per backend and shape (see :func:`resolve_impl`). ``fft``, ``dft`` and
+``shift`` define custom VJPs: reverse mode (grad/vjp) works, forward mode (jvp) does not;
+use ``direct`` or ``toeplitz`` for jvp. Weights are always
 arguments, never jit constants, and the transform/band matrices are built in-graph from
 ``iota`` (XLA would otherwise constant-fold a 51x51 convolution for minutes, and embedded
 matrices would bloat every lowered module).
@@ -53,18 +57,21 @@ def resolve_impl(impl: str, height: int, width: int, kh: int, kw: int) -> str:
     """Map ``"auto"`` to a concrete implementation for this backend and shape.
 
     ``kh, kw`` are the kernel extents after cropping to the taps that can touch the map.
-    Policy, measured with ``tools/benchmark_depthwise.py`` on a 2-core AVX-512 CPU
-    (jax 0.10.2; the figures are in that script's docstring):
+    Policy from ``tools/benchmark_depthwise.py`` on a 2-core AVX-512 CPU (jax 0.10.2),
+    interleaved runs, process CPU time and wall minima agreeing:
 
-    * GPU/TPU: ``"direct"`` (cuDNN / the TPU convolution). Not measured: no accelerator
-      was available when this policy was written; benchmark there before relying on it.
-    * CPU, kernels of at most 7x7 taps (ConvNeXt 7x7, MobileNet 3x3/5x5): ``"shift"`` --
-      a single fused loop is memory-bound and 1.5-3x faster than any transform forward,
-      and its backward (shift-add input gradient + DFT kernel gradient) is the fastest
-      forward+backward measured.
-    * CPU, larger kernels: ``"dft"`` when the circular length of both axes is at most
-      ``_DFT_MAX_LENGTH`` (maps up to ~28x28 for 'same' large kernels), otherwise ``"fft"``
-      (XLA's FFT wins once the O(L) per-point cost of a DFT matmul exceeds the FFT's).
+    * GPU/TPU: ``"direct"`` (cuDNN / the TPU convolution). NOT measured: no accelerator was
+      available when this policy was written; benchmark there before relying on it.
+    * CPU, kernels up to 7x7 (ConvNeXt 7x7, MobileNet 3x3/5x5): ``"shift"``, except on maps
+      of side <= ``_SMALL_MAP_SIDE`` where ``"dft"`` is ~30% faster. Student 7x7 at batch
+      8, CPU ms forward / forward+backward: 56x56x96 shift 10.5/65, fft 21/68, dft 35/99;
+      28x28x192 shift 6.4/24, dft 10.5/25, fft 13/25; 14x14x384 shift 3.6/10.4, dft
+      3.8/9.3; 7x7x768 shift 2.7/7.1, dft 1.9/5.1.
+    * CPU, larger kernels (SLaK, usually merged into one K x K kernel): ``"dft"`` on maps of
+      side <= ``_DFT_MAX_SIDE``, else ``"fft"``: a DFT matmul costs O(map side) per
+      spectrum point against the FFT's O(log L), but runs at GEMM speed without the FFT's
+      NCHW transposes. SLaK-T stages at batch 8, wall ms: 56x56 K51 fft 150 / dft 188;
+      28x28 K49 dft 108 / fft 167; 14x14 K47 dft 16-20 / fft 25; 7x7 K13 dft 4-6 / fft 15.
     """
     if impl == "auto":
         impl = _DEFAULT_IMPL[0]
@@ -75,12 +82,13 @@ def resolve_impl(impl: str, height: int, width: int, kh: int, kw: int) -> str:
     if jax.default_backend() != "cpu":
         return "direct"
     if kh <= _SHIFT_MAX_TAPS and kw <= _SHIFT_MAX_TAPS:
-        return "shift"
+        return "dft" if max(height, width) <= _SMALL_MAP_SIDE else "shift"
     return "dft" if _prefer_dft(height, width) else "fft"
 
 
-_SHIFT_MAX_TAPS = 7
-_DFT_MAX_SIDE = 32
+_SHIFT_MAX_TAPS = 7  # shift-add up to 7x7 kernels (49 taps)
+_SMALL_MAP_SIDE = 10  # below this, the DFT beats shift-add for small kernels too
+_DFT_MAX_SIDE = 32  # above this map side, XLA's FFT beats the matmul DFT
 
 
 def _prefer_dft(height: int, width: int) -> bool:
