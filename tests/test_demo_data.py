@@ -13,7 +13,7 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def generated():
-    """1200 train / 600 test images with their markers."""
+    """1200 train / 600 test images with their dot centres."""
     return demo.generate("train", 1200, SIZE, seed=0), demo.generate("test", 600, SIZE, seed=0)
 
 
@@ -33,7 +33,7 @@ def test_build_is_deterministic_balanced_and_matches_the_generator(tmp_path):
     kwargs = dict(image_size=SIZE, num_train=40, num_test=20, seed=7)
     first = demo.prepare_demo(tmp_path / "a", **kwargs)
     second = demo.prepare_demo(tmp_path / "b", **kwargs)
-    assert first.data_dir.endswith("s32_train40_test20_seed7/1.0.0")
+    assert first.data_dir.endswith("s32_train40_test20_seed7/" + str(demo.L2SDemo.VERSION))
     for split, n in (("train", 40), ("test", 20)):
         images_a, labels_a = read_split(first, split)
         images_b, labels_b = read_split(second, split)
@@ -57,21 +57,23 @@ def test_default_parameters_use_the_predefined_config(tmp_path):
     assert demo.demo_builder(tmp_path, num_train=8).builder_config.num_train == 8
 
 
-def test_each_marker_alone_is_independent_of_the_class(generated):
-    (_, labels, markers), _ = generated
-    colours = np.array([[m.colour for m in pair] for pair in markers])
-    orients = np.array([[m.orientation for m in pair] for pair in markers])
+def test_one_dot_is_independent_of_the_class_and_lines_are_long(generated):
+    (images, labels, centres), _ = generated
+    dots = [demo.find_dots(im) for im in images]
+    assert all(len(d) == demo.NUM_DOTS for d in dots)
+    colours = np.array([np.argmin(np.linalg.norm(demo.DOT_COLOURS - im[r, c], axis=1)) for im, (r, c) in
+                        zip(images, centres[:, 0])])
+    d_row, d_col = (centres[:, -1] - centres[:, 0]).T
+    rising = np.sign(-d_row) * np.sign(d_col)  # +1 for +30 / +60 deg, -1 for -30 / -60 deg
     for c in range(4):
         sel = labels == c
-        # Marginal of one marker: uniform colours and orientations within every class.
-        assert np.all(np.abs(np.bincount(colours[sel, 0], minlength=3) / sel.sum() - 1 / 3) < 0.08)
-        assert abs(orients[sel, 0].mean() - 0.5) < 0.08
-        same_colour = colours[sel, 0] == colours[sel, 1]
-        same_orient = orients[sel, 0] == orients[sel, 1]
-        assert np.all(same_colour == (c < 2)) and np.all(same_orient == (c % 2 == 0))
-    for pair in markers:
-        centres = [np.add((m.row, m.col), (np.array(demo.bar_mask(SIZE, m.orientation).shape) - 1) / 2) for m in pair]
-        assert np.linalg.norm(centres[0] - centres[1]) >= demo.MIN_DISTANCE_FRACTION * SIZE
+        # Colour and the sign of the angle (what a flip changes) are independent of the class.
+        assert np.all(np.abs(np.bincount(colours[sel], minlength=3) / sel.sum() - 1 / 3) < 0.08)
+        if c in (1, 2):
+            assert abs(np.mean(rising[sel] > 0) - 0.5) < 0.08
+    spacing = np.linalg.norm(np.diff(centres, axis=1), axis=-1)  # centres are rounded: +-sqrt(2)
+    assert spacing.min() >= demo.SPACING_FRACTION[0] * SIZE - 1.5
+    assert spacing.max() <= demo.SPACING_FRACTION[1] * SIZE + 1.5
 
 
 def test_oracle_recovers_every_label_and_respects_flips_and_centre_crops(generated):
@@ -81,7 +83,8 @@ def test_oracle_recovers_every_label_and_respects_flips_and_centre_crops(generat
     assert [demo.oracle_label(im[:, ::-1]) for im in test_images[:200]] == test_labels[:200].tolist()
     crop = EvalTransform(size=SIZE, crop_pct=0.875)
     assert [demo.oracle_label(np.asarray(crop.crop(im))) for im in test_images[:200]] == test_labels[:200].tolist()
-    assert demo.oracle_label(demo.generate("test", 4, 48, seed=3)[0][2]) == 2
+    images48, labels48, _ = demo.generate("test", 40, 48, seed=3)
+    assert [demo.oracle_label(im) for im in images48] == labels48.tolist()
 
 
 def ridge_probe(train_x, train_y, test_x, test_y, lam: float = 0.01) -> float:
@@ -94,44 +97,36 @@ def ridge_probe(train_x, train_y, test_x, test_y, lam: float = 0.01) -> float:
     return float(np.mean(np.argmax(b @ weights, axis=1) == test_y))
 
 
-def marker_patches(images, markers, which: int) -> np.ndarray:
-    """Flattened (m + 4)-pixel square patches centred on marker ``which`` of every image."""
-    p = demo.marker_size(SIZE) + 4
+def dot_patches(images: np.ndarray, centres: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Flattened (dot size + 4)-pixel square patches centred on dot ``which[i]`` of image i."""
+    p = demo.dot_size(SIZE) + 4
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
     out = []
-    for image, pair in zip(images, markers):
-        m = pair[which]
-        h, w = demo.bar_mask(SIZE, m.orientation).shape
-        r, c = m.row + h // 2 - p // 2 + p, m.col + w // 2 - p // 2 + p
-        padded = np.pad(image, ((p, p), (p, p), (0, 0)), mode="edge")
-        out.append(padded[r : r + p, c : c + p].reshape(-1))
+    for image, dots, k in zip(padded, centres, which):
+        r, c = dots[k] + p - p // 2
+        out.append(image[r : r + p, c : c + p].reshape(-1))
     return np.asarray(out, np.float64) / 255
 
 
-def test_local_patches_are_at_chance_while_the_probe_itself_works(generated):
-    (images, labels, markers), (test_images, test_labels, test_markers) = generated
-    chance_band = 0.25 + 4 * np.sqrt(0.25 * 0.75 / len(test_labels))  # 4 sigma above chance
-    train_p, test_p = marker_patches(images, markers, 0), marker_patches(test_images, test_markers, 0)
-    # Positive control: the same probe reads a local property (the marker's colour) perfectly.
-    colour = np.array([pair[0].colour for pair in markers])
-    test_colour = np.array([pair[0].colour for pair in test_markers])
-    assert ridge_probe(train_p, colour, test_p, test_colour) > 0.95
-    # A patch around one marker says nothing about the class ...
-    assert ridge_probe(train_p, labels, test_p, test_labels) < chance_band
-    # ... nor do random 8x8 patches, nor a linear model of the whole image (the rule is quadratic).
+def test_patches_around_one_dot_are_at_chance_while_the_probe_itself_works(generated):
+    (images, labels, centres), (test_images, test_labels, test_centres) = generated
     rng = np.random.default_rng(0)
-
-    def random_patches(x):
-        rc = rng.integers(0, SIZE - 8 + 1, size=(len(x), 2))
-        return np.stack([im[r : r + 8, c : c + 8].reshape(-1) for im, (r, c) in zip(x, rc)]) / 255.0
-
-    assert ridge_probe(random_patches(images), labels, random_patches(test_images), test_labels) < chance_band
-    flat, test_flat = images.reshape(len(images), -1) / 255.0, test_images.reshape(len(test_images), -1) / 255.0
-    assert ridge_probe(flat, labels, test_flat, test_labels) < chance_band
+    which, test_which = rng.integers(demo.NUM_DOTS, size=len(labels)), rng.integers(demo.NUM_DOTS, size=len(test_labels))
+    train_p, test_p = dot_patches(images, centres, which), dot_patches(test_images, test_centres, test_which)
+    # Positive control: the same probe reads a local property (the dot's colour) perfectly.
+    colour = np.array([np.argmin(np.linalg.norm(demo.DOT_COLOURS - im[r, c], axis=1))
+                       for im, (r, c) in zip(images, centres[np.arange(len(which)), which])])
+    test_colour = np.array([np.argmin(np.linalg.norm(demo.DOT_COLOURS - im[r, c], axis=1))
+                            for im, (r, c) in zip(test_images, test_centres[np.arange(len(test_which)), test_which])])
+    assert ridge_probe(train_p, colour, test_p, test_colour) > 0.95
+    # ... but a patch around one dot says nothing about the class.
+    chance_band = 0.25 + 4 * np.sqrt(0.25 * 0.75 / len(test_labels))  # 4 sigma above chance
+    assert ridge_probe(train_p, labels, test_p, test_labels) < chance_band
 
 
 def test_invalid_parameters_are_rejected():
     with pytest.raises(ValueError, match="too small"):
-        demo.render(np.random.default_rng(0), 8, 0)
+        demo.render(np.random.default_rng(0), 16, 0)
     with pytest.raises(ValueError, match="label"):
         demo.render(np.random.default_rng(0), 32, 4)
     with pytest.raises(ValueError, match="num_train"):

@@ -1,29 +1,32 @@
 """A procedurally generated demo dataset whose class is decided by long-range structure.
 
-Every image holds exactly two saturated *markers* (small bars, horizontal or vertical, in one
-of three colours) placed far apart (centre distance >= 0.45 * size) on a distracting texture:
-a smooth low-saturation colour field, pixel noise, thin grey strokes and several grey bars of
-the very same shapes as the markers. The four classes are the relation between the markers::
+Every image holds three saturated *dots* of one colour (red, green or blue, chosen per image),
+equally spaced on a straight line with spacing 0.27-0.33 x the image side, on a distracting
+texture that carries no class information: a smooth low-saturation colour field, pixel noise,
+thin grey strokes and grey bars. The class is the orientation of the line, folded so that a
+horizontal flip keeps the label::
 
-    0 same colour,      same orientation      2 different colour, same orientation
-    1 same colour,      different orientation 3 different colour, different orientation
+    0 horizontal (0 deg)   1 +-30 deg   2 +-60 deg   3 vertical (90 deg)
 
-Why this needs a large receptive field. Each marker on its own is drawn uniformly (colour,
-orientation, position) whatever the class, so any patch that contains at most one marker
-carries no information about the label; positions do not depend on the class either. The
-rule is a comparison between two locations at least ``0.45 * size`` apart, quadratic in the
-pixels (a linear model on the whole image is also at chance): a network must bring both
-markers into one receptive field, which a large kernel does in one layer (a ring-shaped
-kernel is a matched filter for "same colour at a distance") and a small-kernel network only
-after several layers. The label is invariant to horizontal flips and to crops that keep both
-markers (markers keep a 12.5 % margin from the border, so centre crops with crop_pct >= 0.75
-never cut them).
+Why this needs a large receptive field. A single dot looks the same in every class (colour and
+the sign of the angle are drawn independently of the label; neighbouring dots are >= 8 px apart
+at 32 px), so a patch holding one dot says nothing about the class: the label is the *relative
+direction* of dots a third of the image apart. A large depthwise kernel is a matched filter for
+"a dot of my colour at this offset" and solves it in one layer; a small-kernel network needs
+several layers to relate the dots. The label is invariant to horizontal flips, to aspect-ratio
+jitter up to 4:3 (angles stay on the same side of the class boundaries 15, 45, 75 deg) and to crops
+that keep the dots (a 10 % margin: centre crops with crop_pct >= 0.875 never cut them).
+
+What is NOT hidden: the dots must fit in the square, so where a line can lie depends on its
+orientation (a horizontal line's middle dot is near the centre column). A linear model with
+positional weights on the saturation map therefore reads some of the class (about 60 % at
+32 px, chance 25 %); a patch-level probe is at chance (tests/test_demo_data.py).
 
 It is a TFDS ``GeneratorBasedBuilder`` (features: ``image`` uint8 ``Tensor`` (S, S, 3),
 ``label`` ``ClassLabel(4)``) that builds to ArrayRecord without TensorFlow in seconds and is
 read through the same ``as_data_source`` -> grain path as ImageNet. Generation is a pure
 function of (seed, split, index), so builds are deterministic. :func:`prepare_demo` builds on
-first use; :func:`oracle_label` recovers the label from pixels alone (100 %).
+first use; :func:`oracle_label` recovers the label from the pixels alone (100 %).
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import NamedTuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,79 +43,50 @@ from scipy import ndimage
 from l2s_jax.data.sources import default_data_dir
 
 DEMO_NAME = "l2s_demo"
-CLASS_NAMES: tuple[str, ...] = (
-    "same_colour_same_orientation",
-    "same_colour_different_orientation",
-    "different_colour_same_orientation",
-    "different_colour_different_orientation",
-)
+CLASS_NAMES: tuple[str, ...] = ("horizontal", "oblique_30", "oblique_60", "vertical")
+LINE_ANGLES: tuple[float, ...] = (0.0, 30.0, 60.0, 90.0)  # degrees from horizontal, per class
 NUM_CLASSES = len(CLASS_NAMES)
-# Marker palette (RGB centres): red, green, blue. Marker pixels have saturation > 100, background <= 50.
-MARKER_COLOURS = np.array([[215, 35, 35], [30, 200, 40], [45, 75, 225]], np.float32)
-ORIENTATIONS: tuple[str, ...] = ("horizontal", "vertical")
+NUM_DOTS = 3
+# Dot palette (RGB centres): red, green, blue. Dot pixels have saturation > 100, background <= 50.
+DOT_COLOURS = np.array([[215, 35, 35], [30, 200, 40], [45, 75, 225]], np.float32)
 _SPLIT_CODES = {"train": 0, "test": 1}
 _BACKGROUND_MAX_SATURATION = 50.0
 ORACLE_SATURATION_THRESHOLD = 90.0
-MIN_DISTANCE_FRACTION = 0.45
-MARGIN_FRACTION = 0.125
+SPACING_FRACTION = (0.27, 0.33)  # distance between neighbouring dots, in image sides
+MARGIN_FRACTION = 0.1
 _GRID = 4  # the smooth background field is a bilinear upsampling of a _GRID x _GRID grid
 
 
-def marker_size(image_size: int) -> int:
-    """The odd side m of a marker's bounding box (bars are m x t): 5 at 32 px, 7 at 48 px."""
-    return max(5, int(image_size * 0.15) | 1)
+def dot_size(image_size: int) -> int:
+    """The odd side of a (square) dot: 3 at 32 px, 5 at 48 px, 7 at 64 px."""
+    return max(3, int(image_size * 0.1) | 1)
 
 
-def bar_thickness(image_size: int) -> int:
-    """The odd short side t of a marker bar: 3 at 32 and 48 px."""
-    half = marker_size(image_size) // 2
-    return half if half % 2 else half + 1
+def _bar_shape(image_size: int, vertical: bool) -> tuple[int, int]:
+    """(h, w) of a grey decoy bar: 3 x 5 or 5 x 3 at 32 px."""
+    long_side = max(5, int(image_size * 0.15) | 1)
+    short_side = max(3, (long_side // 2) | 1)
+    return (long_side, short_side) if vertical else (short_side, long_side)
 
 
-class Marker(NamedTuple):
-    """One marker: top-left corner (row, col), colour index, orientation index."""
-
-    row: int
-    col: int
-    colour: int
-    orientation: int
-
-
-def bar_mask(image_size: int, orientation: int) -> np.ndarray:
-    """The boolean (h, w) footprint of a bar: (t, m) horizontal, (m, t) vertical."""
-    m, t = marker_size(image_size), bar_thickness(image_size)
-    shape = (t, m) if orientation == 0 else (m, t)
-    return np.ones(shape, bool)
-
-
-def label_of(a: Marker, b: Marker) -> int:
-    """The class of a marker pair: 2 * (colours differ) + (orientations differ)."""
-    return 2 * int(a.colour != b.colour) + int(a.orientation != b.orientation)
-
-
-def _sample_pair(rng: np.random.Generator, image_size: int, label: int) -> tuple[Marker, Marker]:
-    """Two markers realising ``label``; each marker alone is uniform whatever the label."""
+def sample_line(rng: np.random.Generator, image_size: int, label: int) -> np.ndarray:
+    """(NUM_DOTS, 2) integer (row, col) dot centres on a line of the class's orientation."""
+    m = dot_size(image_size)
     margin = max(1, round(MARGIN_FRACTION * image_size))
-    m = marker_size(image_size)
-    min_dist = MIN_DISTANCE_FRACTION * image_size
-    if image_size - 2 * margin - m < min_dist:
+    lo, hi = margin + m // 2, image_size - 1 - margin - m // 2
+    max_extent = (NUM_DOTS - 1) * SPACING_FRACTION[1] * image_size
+    if hi - lo < max_extent:
         raise ValueError(
-            f"image_size {image_size} is too small for two markers of size {m} at distance "
-            f">= {min_dist:.1f} within a {margin}-pixel margin; use a larger image_size"
+            f"image_size {image_size} is too small for {NUM_DOTS} dots of size {m} spaced up to "
+            f"{SPACING_FRACTION[1]} x the side within a {margin}-pixel margin; use a larger image_size"
         )
-    diff_colour, diff_orient = divmod(label, 2)
-    colour_a = int(rng.integers(3))
-    colour_b = (colour_a + int(rng.integers(1, 3))) % 3 if diff_colour else colour_a
-    orient_a = int(rng.integers(2))
-    orient_b = 1 - orient_a if diff_orient else orient_a
-    shapes = [bar_mask(image_size, o).shape for o in (orient_a, orient_b)]
-    while True:
-        corners = [rng.integers(margin, image_size - margin - np.array(hw) + 1) for hw in shapes]
-        centres = [c + (np.array(hw) - 1) / 2 for c, hw in zip(corners, shapes)]
-        if np.linalg.norm(centres[0] - centres[1]) >= min_dist:
-            break
-    (r0, c0), (r1, c1) = corners
-    return Marker(int(r0), int(c0), colour_a, orient_a), Marker(int(r1), int(c1), colour_b, orient_b)
+    angle = np.deg2rad(LINE_ANGLES[label]) * (1.0 if rng.random() < 0.5 else -1.0)
+    spacing = rng.uniform(*SPACING_FRACTION) * image_size
+    step = spacing * np.array([-np.sin(angle), np.cos(angle)])
+    offsets = np.outer(np.arange(NUM_DOTS) - (NUM_DOTS - 1) / 2, step)
+    extent = offsets.max(axis=0)
+    middle = rng.uniform(lo + extent, hi - extent)
+    return np.rint(middle + offsets).astype(int)
 
 
 def _limit_saturation(img: np.ndarray, max_saturation: float) -> np.ndarray:
@@ -150,27 +123,25 @@ def _background(rng: np.random.Generator, image_size: int) -> np.ndarray:
         cc = np.linspace(c0, c1, n).round().astype(int)
         img[rr, cc] = rng.uniform(30, 230) + rng.uniform(-15, 15, size=3)
     for _ in range(int(rng.integers(3, 7))):
-        mask = bar_mask(s, int(rng.integers(2)))
-        r = int(rng.integers(0, s - mask.shape[0] + 1))
-        c = int(rng.integers(0, s - mask.shape[1] + 1))
-        shade = rng.uniform(30, 230) + rng.uniform(-20, 20, size=3)
-        img[r : r + mask.shape[0], c : c + mask.shape[1]][mask] = shade
+        h, w = _bar_shape(s, bool(rng.integers(2)))
+        r = int(rng.integers(0, s - h + 1))
+        c = int(rng.integers(0, s - w + 1))
+        img[r : r + h, c : c + w] = rng.uniform(30, 230) + rng.uniform(-20, 20, size=3)
     return _limit_saturation(img, _BACKGROUND_MAX_SATURATION)
 
 
-def render(rng: np.random.Generator, image_size: int, label: int) -> tuple[np.ndarray, tuple[Marker, Marker]]:
-    """One (S, S, 3) uint8 image of class ``label`` and its two markers."""
+def render(rng: np.random.Generator, image_size: int, label: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (S, S, 3) uint8 image of class ``label`` and its (NUM_DOTS, 2) dot centres."""
     if not 0 <= label < NUM_CLASSES:
         raise ValueError(f"label must be in [0, {NUM_CLASSES}), got {label}")
-    pair = _sample_pair(rng, image_size, label)
+    centres = sample_line(rng, image_size, label)
     img = _background(rng, image_size)
-    for marker in pair:
-        mask = bar_mask(image_size, marker.orientation)
-        colour = MARKER_COLOURS[marker.colour] + rng.uniform(-10, 10, size=3)
-        pixels = colour + rng.normal(0, 3, size=(*mask.shape, 3))
-        h, w = mask.shape
-        img[marker.row : marker.row + h, marker.col : marker.col + w] = pixels
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8), pair
+    colour = DOT_COLOURS[int(rng.integers(len(DOT_COLOURS)))] + rng.uniform(-10, 10, size=3)
+    m = dot_size(image_size)
+    for row, col in centres:
+        top, left = row - m // 2, col - m // 2
+        img[top : top + m, left : left + m] = colour + rng.normal(0, 3, size=(m, m, 3))
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), centres
 
 
 def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -180,41 +151,41 @@ def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def generate(
     split: str, num_examples: int, image_size: int = 32, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, list[tuple[Marker, Marker]]]:
-    """Images (N, S, S, 3) uint8, labels (N,) int32 and markers of a split, in index order.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (N, S, S, 3) uint8, labels (N,) int32 and dot centres (N, 3, 2) of a split.
 
     Labels cycle 0, 1, 2, 3, ... so every class has ``num_examples // 4`` or one more examples.
     """
     images = np.empty((num_examples, image_size, image_size, 3), np.uint8)
     labels = np.arange(num_examples, dtype=np.int32) % NUM_CLASSES
-    markers = []
+    centres = np.empty((num_examples, NUM_DOTS, 2), np.int64)
     for i in range(num_examples):
-        images[i], pair = render(example_rng(seed, split, i), image_size, int(labels[i]))
-        markers.append(pair)
-    return images, labels, markers
+        images[i], centres[i] = render(example_rng(seed, split, i), image_size, int(labels[i]))
+    return images, labels, centres
 
 
-def find_markers(image: np.ndarray) -> list[Marker]:
-    """The saturated components of an uint8 image as markers (colour by nearest palette entry)."""
+def find_dots(image: np.ndarray) -> np.ndarray:
+    """(K, 2) centroids (row, col) of the saturated components of a uint8 RGB image."""
     img = image.astype(np.float32)
-    saturation = img.max(axis=-1) - img.min(axis=-1)
-    components, count = ndimage.label(saturation > ORACLE_SATURATION_THRESHOLD)
-    markers = []
-    for k, box in enumerate(ndimage.find_objects(components), start=1):
-        rows, cols = box
-        mean = img[components == k].mean(axis=0)
-        colour = int(np.argmin(np.linalg.norm(MARKER_COLOURS - mean, axis=1)))
-        height, width = rows.stop - rows.start, cols.stop - cols.start
-        markers.append(Marker(rows.start, cols.start, colour, int(height > width)))
-    return markers
+    saturated = img.max(axis=-1) - img.min(axis=-1) > ORACLE_SATURATION_THRESHOLD
+    components, count = ndimage.label(saturated)
+    return np.asarray(ndimage.center_of_mass(saturated, components, range(1, count + 1))).reshape(-1, 2)
+
+
+def line_angle(centres: np.ndarray) -> float:
+    """The folded orientation in [0, 90] degrees of the line through the two farthest dots."""
+    diffs = centres[:, None, :] - centres[None, :, :]
+    i, j = np.unravel_index(np.argmax(np.square(diffs).sum(-1)), diffs.shape[:2])
+    d_row, d_col = np.abs(centres[i] - centres[j])
+    return float(np.degrees(np.arctan2(d_row, d_col)))
 
 
 def oracle_label(image: np.ndarray) -> int:
-    """The label computed from pixels by the global rule (find both markers, compare them)."""
-    markers = find_markers(image)
-    if len(markers) != 2:
-        raise ValueError(f"expected exactly 2 markers, found {len(markers)}")
-    return label_of(*markers)
+    """The label computed from pixels by the global rule (find the dots, measure the line)."""
+    centres = find_dots(image)
+    if len(centres) != NUM_DOTS:
+        raise ValueError(f"expected {NUM_DOTS} dots, found {len(centres)}")
+    return int(np.argmin(np.abs(np.asarray(LINE_ANGLES) - line_angle(centres))))
 
 
 @dataclasses.dataclass(eq=False)
@@ -243,11 +214,14 @@ def demo_config(image_size: int = 32, num_train: int = 4000, num_test: int = 100
 
 
 class L2SDemo(tfds.core.GeneratorBasedBuilder):
-    """The l2s demo dataset (see the module docstring): two far-apart markers decide the class."""
+    """The l2s demo dataset (see the module docstring): far-apart dots decide the class."""
 
     name = DEMO_NAME
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Marker-relation dataset (colour x orientation, 4 classes)."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Same/different colour and orientation of two markers (too slow to learn for a demo).",
+        "2.0.0": "Orientation of a line of three far-apart dots (4 classes).",
+    }
     BUILDER_CONFIGS = [demo_config()]
     # TFDS derives this from package resources, which needs the optional importlib_resources
     # for some installs (e.g. editable ones); the builder's own file is the right answer.
