@@ -20,6 +20,12 @@ Eval (:func:`create_eval_iterator`): one pass in index order; step ``s`` covers 
 images whose ``mask`` is False, so every process runs ``ceil(N / G)`` steps and every example
 is counted exactly once.
 
+Config fields read (``data_cfg``): name, data_dir, train_split, eval_split, image_size,
+eval_crop_pct, num_workers, prefetch; optional: num_threads (in-process prefetch threads,
+default 1), mean / std (default ImageNet's), eval_interpolation (bicubic), and for the demo
+demo_image_size / demo_num_train / demo_num_test / demo_seed. ``aug_cfg``: rrc_scale,
+rrc_ratio, hflip, auto_augment, reprob, remode, interpolation, recount (absent -> timm default).
+
 Worker processes (``num_workers > 0``) are spawned by grain and only run numpy/PIL code: they
 never touch JAX devices. Mixup/CutMix and label smoothing happen on device, in the train step.
 """
