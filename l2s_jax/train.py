@@ -1,0 +1,373 @@
+"""The fused distillation train step: one jitted, explicitly sharded function per step.
+
+A step takes the global batch (split over the mesh's ``data`` axis), mixes it on device
+(Mixup/CutMix with a per-step key, so teacher and student see the same images), runs the
+frozen teacher in eval mode under ``stop_gradient``, differentiates the student (train mode:
+batch statistics, drop path) and its FD projectors through
+:func:`l2s_jax.losses.distillation_loss`, accumulates gradients over ``accum_steps``
+micro-batches (``lax.scan``), applies AdamW (or LAMB) with a per-step warmup + cosine schedule
+and updates the EMA of the student. Student parameters, optimizer state and EMA are replicated
+or FSDP-sharded; the teacher's state is an argument of the step, never part of
+:class:`TrainState`, and has no optimizer state.
+
+Everything here is pure (``nnx.split`` once, ``jax.jit`` on functions of pytrees); the stateful
+loop lives in :mod:`l2s_jax.main`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from l2s_jax import losses
+from l2s_jax.data.mixup import mixup_cutmix
+
+DATA = "data"
+# Everything of the student that is neither trained nor random: BN running stats, sparse masks.
+STATS = nnx.Not(nnx.Any(nnx.Param, nnx.RngState))
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+# --- mesh and shardings ----------------------------------------------------------------------
+
+def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices of all processes) named ``data``."""
+    devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
+    return Mesh(devices, (DATA,))
+
+
+def fsdp_spec(shape: Sequence[int], num_shards: int, min_size: int) -> P:
+    """Shard the largest axis divisible by ``num_shards`` of arrays with >= ``min_size`` elements."""
+    if num_shards <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    candidates = [(d, i) for i, d in enumerate(shape) if d % num_shards == 0]
+    if not candidates:
+        return P()
+    _, axis = max(candidates)
+    return P(*[DATA if i == axis else None for i in range(len(shape))])
+
+
+def tree_shardings(tree: Any, mesh: Mesh, *, fsdp: bool = False, min_size: int = 2**18) -> Any:
+    """NamedShardings for every leaf: replicated, or FSDP over ``data`` when ``fsdp``."""
+    n = mesh.shape[DATA]
+
+    def one(x: Any) -> NamedSharding:
+        shape = np.shape(x)
+        return NamedSharding(mesh, fsdp_spec(shape, n, min_size) if fsdp else P())
+
+    return jax.tree.map(one, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``data``."""
+    return NamedSharding(mesh, P(DATA))
+
+
+# --- schedule and optimizer ------------------------------------------------------------------
+
+def warmup_cosine(step: jax.Array, *, peak: float, warmup_steps: int, total_steps: int, end: float) -> jax.Array:
+    """Per-step learning rate: linear 0 -> ``peak`` over ``warmup_steps``, then cosine to ``end``.
+
+    As ConvNeXt/DeiT's ``cosine_scheduler``: at ``total_steps`` the rate is exactly ``end``.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * step / max(warmup_steps, 1)
+    t = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * t))
+    return jnp.where(step < warmup_steps, warm, cosine)
+
+
+def make_schedule(optim: Mapping[str, Any], *, global_batch_size: int, steps_per_epoch: int,
+                  total_steps: int) -> Schedule:
+    """The warmup + cosine schedule of ``config.optim``, peak lr scaled linearly with the batch."""
+    peak = optim["lr"] * global_batch_size / optim["lr_base_batch_size"]
+    warmup = int(round(optim["warmup_epochs"] * steps_per_epoch))
+    return functools.partial(warmup_cosine, peak=peak, warmup_steps=min(warmup, total_steps),
+                             total_steps=total_steps, end=optim["min_lr"])
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """Decay every parameter with more than one dimension (not biases, norms, layer scales)."""
+    return jax.tree.map(lambda p: np.ndim(p) > 1, params)
+
+
+def create_optimizer(optim: Mapping[str, Any], schedule: Schedule) -> optax.GradientTransformation:
+    """AdamW or LAMB of ``config.optim`` with decoupled weight decay on >1-D params, optional clipping."""
+    kwargs = dict(b1=optim["b1"], b2=optim["b2"], eps=optim["eps"], weight_decay=optim["weight_decay"],
+                  mask=weight_decay_mask)
+    if optim["name"] == "adamw":
+        tx = optax.adamw(schedule, **kwargs)
+    elif optim["name"] == "lamb":
+        tx = optax.lamb(schedule, **kwargs)
+    else:
+        raise ValueError(f"config.optim.name: unknown optimizer {optim['name']!r}; expected 'adamw' or 'lamb'")
+    if optim["clip_grad_norm"]:
+        tx = optax.chain(optax.clip_by_global_norm(optim["clip_grad_norm"]), tx)
+    return tx
+
+
+# --- models ----------------------------------------------------------------------------------
+
+class DistillStudent(nnx.Module):
+    """The trainable side of distillation: the student network and (for FD) its projectors."""
+
+    def __init__(self, model: nnx.Module, projector: losses.FeatureProjector | None = None):
+        self.model = model
+        self.projector = projector if projector is not None else nnx.data(None)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.model(images)
+
+
+def logits_and_features(model: nnx.Module, images: jax.Array, num_stages: int) -> tuple[jax.Array, list[jax.Array]]:
+    """Logits and the last ``num_stages`` stage maps of any zoo model in one forward pass.
+
+    ConvNeXt/SLaK/Swin/CSWin expose ``features`` + ``head_from_features``, ResNet/MobileNetV3
+    ``features`` + ``forward_head``; a ViT returns its final normed token map (L = 1) or the
+    last L blocks' maps (one extra pass for the logits).
+    """
+    if num_stages <= 0:
+        return model(images), []
+    if hasattr(model, "head_from_tokens"):
+        if num_stages == 1:
+            tokens = model.forward_features(images)
+            return model.head_from_tokens(tokens), [model.tokens_to_map(tokens)]
+        return model(images), model.features(images, blocks=list(range(-num_stages, 0)))
+    feats = model.features(images)
+    if hasattr(model, "head_from_features"):
+        logits = model.head_from_features(feats[-1])
+    elif hasattr(model, "forward_head"):
+        logits = model.forward_head(feats[-1])
+    else:
+        raise TypeError(f"{type(model).__name__} has no known head to pair with its features")
+    if num_stages > len(feats):
+        raise ValueError(f"asked for the last {num_stages} stages of a model with {len(feats)}")
+    return logits, feats[-num_stages:]
+
+
+def feature_channels(model: nnx.Module, image_size: int, num_stages: int) -> list[int]:
+    """Channel counts of the last ``num_stages`` feature maps (shape inference only)."""
+    graphdef, state = nnx.split(model)
+
+    def run(state: nnx.State, images: jax.Array) -> list[jax.Array]:
+        return logits_and_features(nnx.merge(graphdef, state), images, num_stages)[1]
+
+    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+    return [int(f.shape[-1]) for f in jax.eval_shape(run, state, images)]
+
+
+def set_compute_dtype(model: nnx.Module, dtype: Any) -> None:
+    """Set the compute dtype of every layer of a built model (parameters keep theirs)."""
+    for _, m in nnx.iter_modules(model):
+        if hasattr(m, "dtype"):
+            m.dtype = dtype
+
+
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """Cast every floating-point leaf of ``tree`` to ``dtype`` (e.g. a bfloat16 teacher)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+# --- train state -----------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run checkpoints (the teacher is not part of it)."""
+
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    ema_params: nnx.State | None
+    ema_batch_stats: nnx.State | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentDef:
+    """The static halves of the student after ``nnx.split``: train and eval graphs, RNG template."""
+
+    train_graph: nnx.GraphDef
+    eval_graph: nnx.GraphDef
+    rng_state: nnx.State
+
+
+def split_student(student: DistillStudent) -> tuple[StudentDef, nnx.State, nnx.State]:
+    """``nnx.split`` the student once: its definitions, parameters and non-trainable stats."""
+    student.eval()
+    eval_graph = nnx.graphdef(student)
+    student.train()
+    train_graph, params, rng_state, stats = nnx.split(student, nnx.Param, nnx.RngState, STATS)
+    return StudentDef(train_graph, eval_graph, rng_state), params, stats
+
+
+def init_train_state(params: nnx.State, stats: nnx.State, optimizer: optax.GradientTransformation, *,
+                     ema: bool) -> TrainState:
+    """A fresh state at step 0 (EMA initialised to the parameters, as timm's ModelEmaV2).
+
+    Leaves are made strongly typed (e.g. ``jnp.full`` layer scales are weak), so the state the
+    step returns has the same types as the one it was compiled for (no second compilation).
+    """
+    copy = functools.partial(jax.tree.map, lambda x: jnp.array(x, dtype=x.dtype))
+    params, stats = copy(params), copy(stats)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=stats,
+        opt_state=optimizer.init(params),
+        ema_params=copy(params) if ema else None,
+        ema_batch_stats=copy(stats) if ema else None,
+    )
+
+
+# --- the step --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the train step (hashable: they are baked into the compiled step)."""
+
+    method: str
+    num_classes: int
+    seed: int = 0
+    accum_steps: int = 1
+    fd_stages: int = 0
+    ema_decay: float = 0.0
+    mixup: tuple[tuple[str, Any], ...] = ()
+    loss: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.method != "ce"
+
+
+def _micro_batches(x: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...]; micro-batch j holds rows j, j + k, ... so every device keeps a share."""
+    if x.shape[0] % k:
+        raise ValueError(f"batch of {x.shape[0]} does not split into accum_steps={k} micro-batches")
+    x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+    if mesh is not None:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, DATA)))
+    return x
+
+
+def _ema(old: Any, new: Any, decay: float) -> Any:
+    return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), old, new)
+
+
+def make_train_step(
+    student_def: StudentDef,
+    teacher_graph: nnx.GraphDef | None,
+    optimizer: optax.GradientTransformation,
+    schedule: Schedule,
+    cfg: StepConfig,
+    *,
+    mesh: Mesh | None = None,
+    grad_shardings: Any = None,
+) -> Callable[[TrainState, nnx.State | None, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step ``(state, teacher_state, batch) -> (state, metrics)`` (jit it).
+
+    ``batch`` holds ``images`` [B, H, W, 3] float32 and int ``labels`` [B]. With ``mesh`` the
+    micro-batches stay spread over all devices; ``grad_shardings`` (the params' shardings)
+    keeps accumulated gradients FSDP-sharded.
+    """
+    loss_kwargs = dict(cfg.loss)
+    mixup = dict(cfg.mixup)
+    fd_stages = cfg.fd_stages if cfg.method.startswith("fd") else 0
+    if cfg.uses_teacher and teacher_graph is None:
+        raise ValueError(f"method {cfg.method!r} needs a teacher")
+
+    def teacher_forward(teacher_state: nnx.State, images: jax.Array) -> tuple[jax.Array | None, list[jax.Array]]:
+        if not cfg.uses_teacher:
+            return None, []
+        teacher = nnx.merge(teacher_graph, teacher_state)
+        teacher.eval()  # running BN statistics, no drop path, whatever mode it was split in
+        out = logits_and_features(teacher, images, fd_stages)
+        return jax.lax.stop_gradient(out)
+
+    def loss_fn(params, stats, images, targets, t_logits, t_feats, key):
+        # Fresh variables in this trace (NNX refuses to mutate the caller's), RNG reseeded per step.
+        rng_state, stats = jax.tree.map(lambda x: x, (student_def.rng_state, stats))
+        student = nnx.merge(student_def.train_graph, params, rng_state, stats)
+        nnx.reseed(student, dropout=key)
+        logits, feats = logits_and_features(student.model, images, fd_stages)
+        projected = student.projector(feats) if fd_stages else None
+        loss, parts = losses.distillation_loss(
+            cfg.method, logits, t_logits, targets, projected_student_feats=projected,
+            teacher_feats=t_feats or None, **loss_kwargs)
+        return loss, (parts, nnx.state(student, STATS))
+
+    def train_step(state: TrainState, teacher_state: nnx.State | None, batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
+        mix_key, drop_key = jax.random.split(key)
+        images, targets = batch["images"], batch["labels"]
+        if mixup:
+            images, targets = mixup_cutmix(images, targets, mix_key, num_classes=cfg.num_classes, **mixup)
+        k = cfg.accum_steps
+        micro = (_micro_batches(images, k, mesh), _micro_batches(targets, k, mesh))
+
+        def accumulate(carry, inputs):
+            grads, stats, j = carry
+            x, y = inputs
+            t_logits, t_feats = teacher_forward(teacher_state, x)
+            (_, (parts, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params, stats, x, y, t_logits, t_feats, jax.random.fold_in(drop_key, j))
+            grads = jax.tree.map(jnp.add, grads, g)
+            if grad_shardings is not None:
+                grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+            return (grads, stats, j + 1), parts
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grads, stats, _), parts = jax.lax.scan(accumulate, (zeros, state.batch_stats, 0), micro)
+        grads = jax.tree.map(lambda g: g / k, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
+        if state.ema_params is not None:
+            new = new.replace(ema_params=_ema(state.ema_params, params, cfg.ema_decay),
+                              ema_batch_stats=_ema(state.ema_batch_stats, stats, cfg.ema_decay))
+        metrics = {f"loss_{name}" if name != "total" else "loss": v.mean() for name, v in parts.items()}
+        metrics.update(lr=schedule(state.step), grad_norm=optax.global_norm(grads))
+        return new, metrics
+
+    return train_step
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, teacher_shardings: Any) -> Callable:
+    """``jax.jit`` the step with explicit shardings and the train state donated."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, teacher_shardings, batch_sharding(mesh)),
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+def make_eval_step(graph: nnx.GraphDef, top_k: int = 5) -> Callable[..., dict[str, jax.Array]]:
+    """Pure ``(states, batch) -> sums`` of correct top-1/top-k predictions over ``batch['mask']``.
+
+    ``states`` is the tuple of ``nnx.State`` parts that ``graph`` merges (e.g. params, RNG
+    template and stats of the student, or the single state of a teacher).
+    """
+
+    def eval_step(states: tuple[nnx.State, ...], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        logits = nnx.merge(graph, *states)(batch["images"]).astype(jnp.float32)
+        labels = batch["labels"]
+        mask = batch["mask"].astype(jnp.float32)
+        k = min(top_k, logits.shape[-1])
+        top = jax.lax.top_k(logits, k)[1]
+        hit1 = (top[:, 0] == labels).astype(jnp.float32)
+        hitk = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+        loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+        return {"correct1": (hit1 * mask).sum(), "correctk": (hitk * mask).sum(), "loss_sum": (loss * mask).sum(),
+                "count": mask.sum()}
+
+    return eval_step
