@@ -45,12 +45,15 @@ SMALL = 5
 SHIFT_MAX_TAPS = 13 * 5
 
 
-def _time(fns: dict[str, Callable[[], object]], repeats: int,
-          sync: Callable[[object], None]) -> dict[str, tuple[float, float]]:
-    """(wall, process CPU) median milliseconds per callable, interleaved within each repeat.
+def _time(fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[object], None],
+          stat: Callable[[list[float]], float] = statistics.median) -> dict[str, tuple[float, float]]:
+    """(wall, process CPU) milliseconds per callable (``stat`` of the repeats, median by
+    default), callables interleaved within each repeat.
 
     The CPU time (all threads of this process) is the work done; on a machine shared with
     other jobs it is steadier than the wall time, which also counts waiting for a core.
+    Each timed call follows an untimed one of the same callable: a memory-hungry neighbour
+    (e.g. ``direct``) otherwise slows the next one's first touches by up to 1.5x.
     """
     for f in fns.values():
         sync(f())
@@ -58,11 +61,12 @@ def _time(fns: dict[str, Callable[[], object]], repeats: int,
     cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, f in fns.items():
+            sync(f())  # untimed: re-touch this callable's buffers after its neighbours ran
             t0, c0 = time.perf_counter(), time.process_time()
             sync(f())
             wall[name].append((time.perf_counter() - t0) * 1e3)
             cpu[name].append((time.process_time() - c0) * 1e3)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
+    return {k: (stat(wall[k]), stat(cpu[k])) for k in fns}
 
 
 def _jax_sync(out: object) -> None:
@@ -144,9 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="2 repeats, no 'direct' (minutes per case), fewer cases")
     ap.add_argument("--impls", default=",".join(("auto",) + IMPLS), help="comma-separated JAX impls")
     ap.add_argument("--cases", default="teacher,student", help="teacher, student or both")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="statistic of the repeats (min: least disturbed run on a busy machine)")
     args = ap.parse_args(argv)
     impls = [i for i in args.impls.split(",") if i]
     repeats = args.repeats
+    stat = statistics.median if args.stat == "median" else min
     teacher, student = TEACHER, STUDENT
     if args.quick:
         repeats = min(repeats, 2)
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         torch = None
 
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__ if torch else '-'}, "
-          f"batch {args.batch}, median of {repeats}, ms")
+          f"batch {args.batch}, {args.stat} of {repeats}, ms")
     cols = impls + ["torch_cl"]
     header = f"{'case':<12} {'shape':<18} {'auto->':<7} " + " ".join(f"{c:>9}" for c in cols)
     print("wall-clock ms")
@@ -170,10 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     cpu_rows = []
     for kind, (name, h, c, k) in cases:
         make = _teacher_jax if kind == "teacher" else _student_jax
-        times = _time(make(h, c, k, args.batch, impls), repeats, _jax_sync)
+        times = _time(make(h, c, k, args.batch, impls), repeats, _jax_sync, stat)
         tf = _torch_fns(kind, h, c, k, args.batch)
         if tf is not None:
-            times["torch_cl"] = _time({"t": tf}, repeats, lambda o: None)["t"]
+            times["torch_cl"] = _time({"t": tf}, repeats, lambda o: None, stat)["t"]
         kk = min(k, 2 * h - 1)  # the kernel after cropping to the map
         label = f"{name:<12} {f'{h}x{h}x{c} K{k}' + (' fb' if kind == 'student' else ''):<18} " \
                 f"{resolve_impl('auto', h, h, kk, kk):<7} "

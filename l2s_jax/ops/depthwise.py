@@ -24,8 +24,10 @@ tested equal in value and in gradient (w.r.t. input and kernel):
   the others here (kh x the input's memory, W/kw x the FLOPs); kept as a matmul-only
   formulation without custom VJP.
 
-``"auto"`` picks per backend and shape (see :func:`resolve_impl`). ``fft``, ``dft`` and
-``shift`` define custom VJPs: reverse mode (grad/vjp) works, forward mode (jvp) does not;
+``fft``, ``dft`` and ``shift`` run the batch in cache-sized chunks (``lax.map`` forward,
+``lax.scan`` backward accumulating the kernel gradient in frequency), 1.2-2.4x faster than
+whole-batch passes on CPU. ``"auto"`` picks per backend and shape (see
+:func:`resolve_impl`). ``fft``, ``dft`` and ``shift`` define custom VJPs: reverse mode (grad/vjp) works, forward mode (jvp) does not;
 use ``direct`` or ``toeplitz`` for jvp. Weights are always
 arguments, never jit constants, and the transform/band matrices are built in-graph from
 ``iota`` (XLA would otherwise constant-fold a 51x51 convolution for minutes, and embedded
@@ -57,21 +59,20 @@ def resolve_impl(impl: str, height: int, width: int, kh: int, kw: int) -> str:
     """Map ``"auto"`` to a concrete implementation for this backend and shape.
 
     ``kh, kw`` are the kernel extents after cropping to the taps that can touch the map.
-    Policy from ``tools/benchmark_depthwise.py`` on a 2-core AVX-512 CPU (jax 0.10.2),
-    interleaved runs, process CPU time and wall minima agreeing:
+    Policy from ``tools/benchmark_depthwise.py`` and interleaved probes on a shared 2-core
+    AVX-512 CPU (jax 0.10.2, batch 8, batch-chunked paths; process CPU ms, i.e. per core):
 
     * GPU/TPU: ``"direct"`` (cuDNN / the TPU convolution). NOT measured: no accelerator was
       available when this policy was written; benchmark there before relying on it.
-    * CPU, kernels up to 7x7 (ConvNeXt 7x7, MobileNet 3x3/5x5): ``"shift"``, except on maps
-      of side <= ``_SMALL_MAP_SIDE`` where ``"dft"`` is ~30% faster. Student 7x7 at batch
-      8, CPU ms forward / forward+backward: 56x56x96 shift 10.5/65, fft 21/68, dft 35/99;
-      28x28x192 shift 6.4/24, dft 10.5/25, fft 13/25; 14x14x384 shift 3.6/10.4, dft
-      3.8/9.3; 7x7x768 shift 2.7/7.1, dft 1.9/5.1.
+    * CPU, kernels up to 7x7 (ConvNeXt 7x7, MobileNet 3x3/5x5): ``"shift"`` on maps of
+      side > ``_SMALL_MAP_SIDE``, else ``"dft"``. Student 7x7, forward / forward+backward:
+      56x56x96 shift 10.6/39, fft 20/59, dft 30/78; 28x28x192 shift 6.0/20, dft 8.1/19;
+      14x14x384 dft 2.7-3.7/10.8, shift 4.0/12; 7x7x768 dft 1.9/4.2, shift 2.8/6.5.
     * CPU, larger kernels (SLaK, usually merged into one K x K kernel): ``"dft"`` on maps of
       side <= ``_DFT_MAX_SIDE``, else ``"fft"``: a DFT matmul costs O(map side) per
       spectrum point against the FFT's O(log L), but runs at GEMM speed without the FFT's
-      NCHW transposes. SLaK-T stages at batch 8, wall ms: 56x56 K51 fft 150 / dft 188;
-      28x28 K49 dft 108 / fft 167; 14x14 K47 dft 16-20 / fft 25; 7x7 K13 dft 4-6 / fft 15.
+      NCHW transposes. SLaK-T stages, forward: 56x56 K51 fft 69 / dft 96; 28x28 K49 dft
+      39 / fft 66; 14x14 K47 dft 12 / fft 30; 7x7 K13 dft 3.5 / fft 16 / shift 11.
     """
     if impl == "auto":
         impl = _DEFAULT_IMPL[0]
@@ -81,13 +82,13 @@ def resolve_impl(impl: str, height: int, width: int, kh: int, kw: int) -> str:
         return impl
     if jax.default_backend() != "cpu":
         return "direct"
-    if kh <= _SHIFT_MAX_TAPS and kw <= _SHIFT_MAX_TAPS:
-        return "dft" if max(height, width) <= _SMALL_MAP_SIDE else "shift"
+    if kh <= _SHIFT_MAX_TAPS and kw <= _SHIFT_MAX_TAPS and max(height, width) > _SMALL_MAP_SIDE:
+        return "shift"
     return "dft" if _prefer_dft(height, width) else "fft"
 
 
 _SHIFT_MAX_TAPS = 7  # shift-add up to 7x7 kernels (49 taps)
-_SMALL_MAP_SIDE = 10  # below this, the DFT beats shift-add for small kernels too
+_SMALL_MAP_SIDE = 16  # up to this map side, the DFT beats shift-add for small kernels too
 _DFT_MAX_SIDE = 32  # above this map side, XLA's FFT beats the matmul DFT
 
 
@@ -239,6 +240,31 @@ def _real_dtype(complex_dtype) -> jnp.dtype:
     return jnp.finfo(complex_dtype).dtype
 
 
+# Transform and shift paths run the batch in chunks of about this many input elements
+# (lax.map / lax.scan): each chunk's maps and spectra stay cache-resident between the
+# passes. One image per chunk measured 1.2-2x faster than the whole batch at batch 8 and
+# up to 2.4x at batch 32 (e.g. SLaK-T 28x28 K49 dft 57 -> 29 ms, 56x56 K51 fft 111 -> 73).
+_CHUNK_ELEMS = 64 * 1024
+
+
+def _images_per_chunk(g: _Geom, batch: int, channels: int) -> int:
+    """Largest divisor of the batch whose chunk stays within ``_CHUNK_ELEMS`` (at least 1)."""
+    n = max(1, min(batch, _CHUNK_ELEMS // max(1, g.h * g.w * channels)))
+    while batch % n:
+        n -= 1
+    return n
+
+
+def _split_batch(a: jax.Array, n: int) -> jax.Array:
+    """(B, ...) -> (B // n, n, ...)."""
+    return a.reshape((a.shape[0] // n, n) + a.shape[1:])
+
+
+def _merge_batch(a: jax.Array) -> jax.Array:
+    """(B // n, n, ...) -> (B, ...)."""
+    return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
+
 # ----------------------------------------------------------------------------- fft
 
 
@@ -252,27 +278,38 @@ def _kernel_rfft(kernel: jax.Array, g: _Geom) -> jax.Array:
     return jnp.fft.rfft2(jnp.roll(k, (-g.ph, -g.pw), axis=(1, 2)))
 
 
-def _fft_forward(x: jax.Array, kernel: jax.Array, g: _Geom):
+def _fft_forward(x: jax.Array, kernel: jax.Array, g: _Geom, keep_spectra: bool = True):
+    """Forward over batch chunks; with ``keep_spectra`` also the per-chunk input spectra."""
     ct = _compute_dtype(x.dtype)
-    xs = jnp.fft.rfft2(_to_nchw(x, ct), s=(g.lh, g.lw))
     ks = _kernel_rfft(kernel.astype(ct), g)
-    # Correlation theorem: y = irfft(X * conj(K)); outputs [0, ho) x [0, wo) are alias-free.
-    y = jnp.fft.irfft2(xs * jnp.conj(ks), s=(g.lh, g.lw))[:, :, : g.ho, : g.wo]
-    return jnp.transpose(y, (0, 2, 3, 1)).astype(x.dtype), (xs, ks)
+
+    def chunk(xc):
+        xs = jnp.fft.rfft2(_to_nchw(xc, ct), s=(g.lh, g.lw))
+        # Correlation theorem: y = irfft(X * conj(K)); outputs [0, ho) x [0, wo) are alias-free.
+        y = jnp.fft.irfft2(xs * jnp.conj(ks), s=(g.lh, g.lw))[:, :, : g.ho, : g.wo]
+        y = jnp.transpose(y, (0, 2, 3, 1)).astype(x.dtype)
+        return (y, xs) if keep_spectra else y
+
+    n = _images_per_chunk(g, x.shape[0], x.shape[-1])
+    out = jax.lax.map(chunk, _split_batch(x, n))
+    if not keep_spectra:
+        return _merge_batch(out)
+    y, xs = out
+    return _merge_batch(y), (xs, ks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _fft(x: jax.Array, kernel: jax.Array, g: _Geom) -> jax.Array:
-    return _fft_forward(x, kernel, g)[0]
+    return _fft_forward(x, kernel, g, keep_spectra=False)
 
 
-def _fft_kernel_grad(xs: jax.Array, ds: jax.Array, g: _Geom) -> jax.Array:
-    """Kernel gradient from input and output-cotangent spectra (N, C, Lh, Lw//2+1).
+def _fft_kernel_from_product(acc: jax.Array, g: _Geom) -> jax.Array:
+    """Kernel gradient from ``sum_n X * conj(DY)`` (C, Lh, Lw//2+1).
 
-    dk is the correlation of dy with x: spectrum X * conj(DY), summed over the batch before
-    the single (C-sized) inverse transform; tap ``a`` sits at circular lag ``a - p``.
+    dk is the correlation of dy with x, so one (C-sized) inverse transform of the
+    batch-summed product; tap ``a`` sits at circular lag ``a - p``.
     """
-    dg = jnp.fft.irfft2(jnp.sum(xs * jnp.conj(ds), axis=0), s=(g.lh, g.lw))
+    dg = jnp.fft.irfft2(acc, s=(g.lh, g.lw))
     dk = jnp.roll(dg, (g.ph, g.pw), axis=(1, 2))[:, : g.kh, : g.kw]
     return jnp.transpose(dk, (1, 2, 0))
 
@@ -281,10 +318,17 @@ def _fft_bwd(g: _Geom, res, dy: jax.Array):
     # y = crop(x (*) k) with (*) circular correlation, so dx = pad(dy) * k, a convolution
     # (spectrum DY * K). Avoids JAX's transpose of rfft, which runs a full complex FFT.
     xs, ks = res
-    ds = jnp.fft.rfft2(_to_nchw(dy, _real_dtype(xs.dtype)), s=(g.lh, g.lw))
-    dx = jnp.fft.irfft2(ds * ks, s=(g.lh, g.lw))[:, :, : g.h, : g.w]
-    dk = _fft_kernel_grad(xs, ds, g)
-    return jnp.transpose(dx, (0, 2, 3, 1)).astype(dy.dtype), dk.astype(dy.dtype)
+    ct = _real_dtype(xs.dtype)
+
+    def chunk(acc, inputs):
+        xs_c, dy_c = inputs
+        ds = jnp.fft.rfft2(_to_nchw(dy_c, ct), s=(g.lh, g.lw))
+        dx = jnp.fft.irfft2(ds * ks, s=(g.lh, g.lw))[:, :, : g.h, : g.w]
+        acc = acc + jnp.sum(xs_c * jnp.conj(ds), axis=0)
+        return acc, jnp.transpose(dx, (0, 2, 3, 1)).astype(dy.dtype)
+
+    acc, dx = jax.lax.scan(chunk, jnp.zeros(ks.shape, ks.dtype), (xs, _split_batch(dy, xs.shape[1])))
+    return _merge_batch(dx), _fft_kernel_from_product(acc, g).astype(dy.dtype)
 
 
 _fft.defvjp(_fft_forward, _fft_bwd)
@@ -417,39 +461,56 @@ def _dft_output_spectrum(dy: jax.Array, g: _Geom, dtype) -> jax.Array:
     return _dft_analysis(_to_hwnc(dy, dtype), s4t, s3t, g.fh, n * c)
 
 
-def _dft_kernel_grad(xs: jax.Array, ds: jax.Array, n: int, g: _Geom) -> jax.Array:
-    """Kernel gradient from the input spectrum and the product spectrum's cotangent."""
+def _dft_spectral_product(xs: jax.Array, ds: jax.Array, n: int) -> jax.Array:
+    """Cotangent ``(Fh, 2Lw, C)`` of the kernel spectrum, summed over the batch in frequency.
+
+    Z = X conj(G): zr = xr gr + xi gi, zi = xi gr - xr gi, so dgr = dr xr + di xi and
+    dgi = dr xi - di xr.
+    """
     xr, xi = _split(xs, n)
     dr, di = _split(ds, n)
-    # Z = X conj(G): zr = xr gr + xi gi, zi = xi gr - xr gi; sum the batch in frequency.
-    dgr = jnp.sum(dr * xr + di * xi, axis=2)
-    dgi = jnp.sum(dr * xi - di * xr, axis=2)
-    return _dft_kernel_spectrum_adjoint(jnp.concatenate([dgr, dgi], axis=1), g)
+    return jnp.concatenate([jnp.sum(dr * xr + di * xi, axis=2), jnp.sum(dr * xi - di * xr, axis=2)], axis=1)
 
 
-def _dft_forward(x: jax.Array, kernel: jax.Array, g: _Geom):
-    n, _, _, c = x.shape
+def _dft_forward(x: jax.Array, kernel: jax.Array, g: _Geom, keep_spectra: bool = True):
+    """Forward over batch chunks; with ``keep_spectra`` also the per-chunk input spectra."""
+    c = x.shape[-1]
     ct = _compute_dtype(x.dtype)
-    xs = _dft_input_spectrum(x, g, ct)
     ks = _dft_kernel_spectrum(kernel.astype(ct), g)
     s3, s4 = _synthesis_matrices(g, adjoint=False)
-    y = _dft_synthesis(_cmul(xs, ks, n, conj=True), s3, s4, g.fh)
-    return _from_hwnc(y, n, c, x.dtype), (xs, ks)
+    n = _images_per_chunk(g, x.shape[0], c)
+
+    def chunk(xc):
+        xs = _dft_input_spectrum(xc, g, ct)
+        y = _from_hwnc(_dft_synthesis(_cmul(xs, ks, n, conj=True), s3, s4, g.fh), n, c, x.dtype)
+        return (y, xs) if keep_spectra else y
+
+    out = jax.lax.map(chunk, _split_batch(x, n))
+    if not keep_spectra:
+        return _merge_batch(out)
+    y, xs = out
+    return _merge_batch(y), (xs, ks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _dft(x: jax.Array, kernel: jax.Array, g: _Geom) -> jax.Array:
-    return _dft_forward(x, kernel, g)[0]
+    return _dft_forward(x, kernel, g, keep_spectra=False)
 
 
 def _dft_bwd(g: _Geom, res, dy: jax.Array):
-    xs, ks = res
-    n, _, _, c = dy.shape
-    ds = _dft_output_spectrum(dy, g, xs.dtype)
-    dxs = _cmul(ds, ks, n, conj=False)
-    dx = _dft_synthesis(dxs, _cdft(g.w, g.lw, transpose=True), _rdft(g.h, g.lh, transpose=True), g.fh)
-    dk = _dft_kernel_grad(xs, ds, n, g)
-    return _from_hwnc(dx, n, c, dy.dtype), dk.astype(dy.dtype)
+    xs, ks = res  # xs: (chunks, Fh, 2Lw, n*C)
+    c = dy.shape[-1]
+    n = xs.shape[-1] // c
+    a2t, a1t = _cdft(g.w, g.lw, transpose=True), _rdft(g.h, g.lh, transpose=True)
+
+    def chunk(acc, inputs):
+        xs_c, dy_c = inputs
+        ds = _dft_output_spectrum(dy_c, g, xs.dtype)
+        dx = _dft_synthesis(_cmul(ds, ks, n, conj=False), a2t, a1t, g.fh)
+        return acc + _dft_spectral_product(xs_c, ds, n), _from_hwnc(dx, n, c, dy.dtype)
+
+    acc, dx = jax.lax.scan(chunk, jnp.zeros(ks.shape, ks.dtype), (xs, _split_batch(dy, n)))
+    return _merge_batch(dx), _dft_kernel_spectrum_adjoint(acc, g).astype(dy.dtype)
 
 
 _dft.defvjp(_dft_forward, _dft_bwd)
@@ -478,32 +539,51 @@ def _shift_add(x: jax.Array, kernel: jax.Array, padding: Padding) -> jax.Array:
     return y.astype(x.dtype)
 
 
+def _shift_chunked(x: jax.Array, kernel: jax.Array, g: _Geom) -> jax.Array:
+    n = _images_per_chunk(g, x.shape[0], x.shape[-1])
+    return _merge_batch(jax.lax.map(lambda xc: _shift_add(xc, kernel, (g.ph, g.pw)), _split_batch(x, n)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _shift(x: jax.Array, kernel: jax.Array, g: _Geom) -> jax.Array:
-    return _shift_add(x, kernel, (g.ph, g.pw))
+    return _shift_chunked(x, kernel, g)
 
 
 def _shift_fwd(x, kernel, g: _Geom):
-    return _shift_add(x, kernel, (g.ph, g.pw)), (x, kernel)
+    return _shift_chunked(x, kernel, g), (x, kernel)
 
 
 def _shift_bwd(g: _Geom, res, dy: jax.Array):
     x, kernel = res
-    # dx[j] = sum_a dy[j + p - a] k[a]: a correlation of dy with the flipped kernel.
-    dx = _shift_add(dy, kernel[::-1, ::-1], (g.kh - 1 - g.ph, g.kw - 1 - g.pw))
-    # dk by transforms of x and dy (a 49-tap reduction is several times slower on XLA:CPU):
-    # matmul DFT on small maps, FFT on large ones (as resolve_impl for large kernels).
+    c = x.shape[-1]
     ct = _compute_dtype(x.dtype)
-    if _prefer_dft(g.h, g.w):
-        xs = _dft_input_spectrum(x, g, ct)  # g has the minimal circular lengths
-        ds = _dft_output_spectrum(dy, g, ct)
-        dk = _dft_kernel_grad(xs, ds, x.shape[0], g)
+    n = _images_per_chunk(g, x.shape[0], c)
+    flipped = kernel[::-1, ::-1]
+    # dk from transforms of x and dy (a 49-tap reduction is several times slower on
+    # XLA:CPU): matmul DFT on small maps, FFT on large ones, as resolve_impl for big kernels.
+    use_dft = _prefer_dft(g.h, g.w)
+    gf = g._replace(lh=_fast_len(g.lh), lw=_fast_len(g.lw))  # g has the minimal lengths
+    if use_dft:
+        acc0 = jnp.zeros((g.fh, 2 * g.lw, c), ct)
     else:
-        gf = g._replace(lh=_fast_len(g.lh), lw=_fast_len(g.lw))
-        xs = jnp.fft.rfft2(_to_nchw(x, ct), s=(gf.lh, gf.lw))
-        ds = jnp.fft.rfft2(_to_nchw(dy, ct), s=(gf.lh, gf.lw))
-        dk = _fft_kernel_grad(xs, ds, gf)
-    return dx.astype(dy.dtype), dk.astype(kernel.dtype)
+        acc0 = jnp.zeros((c, gf.lh, gf.lw // 2 + 1), jnp.result_type(ct, jnp.complex64))
+
+    def chunk(acc, inputs):
+        x_c, dy_c = inputs
+        # dx[j] = sum_a dy[j + p - a] k[a]: a correlation of dy with the flipped kernel.
+        dx = _shift_add(dy_c, flipped, (g.kh - 1 - g.ph, g.kw - 1 - g.pw))
+        if use_dft:
+            xs, ds = _dft_input_spectrum(x_c, g, ct), _dft_output_spectrum(dy_c, g, ct)
+            acc = acc + _dft_spectral_product(xs, ds, n)
+        else:
+            xs = jnp.fft.rfft2(_to_nchw(x_c, ct), s=(gf.lh, gf.lw))
+            ds = jnp.fft.rfft2(_to_nchw(dy_c, ct), s=(gf.lh, gf.lw))
+            acc = acc + jnp.sum(xs * jnp.conj(ds), axis=0)
+        return acc, dx.astype(dy.dtype)
+
+    acc, dx = jax.lax.scan(chunk, acc0, (_split_batch(x, n), _split_batch(dy, n)))
+    dk = _dft_kernel_spectrum_adjoint(acc, g) if use_dft else _fft_kernel_from_product(acc, gf)
+    return _merge_batch(dx), dk.astype(kernel.dtype)
 
 
 _shift.defvjp(_shift_fwd, _shift_bwd)
