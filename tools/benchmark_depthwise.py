@@ -76,7 +76,8 @@ def _jax_sync(out: object) -> None:
 def _teacher_jax(h: int, c: int, k: int, batch: int, impls: list[str]) -> dict[str, Callable[[], object]]:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, h, h, c)), jnp.float32)
-    ks = [jnp.asarray(rng.standard_normal(s) * 0.05, jnp.float32) for s in ((k, SMALL, c), (SMALL, k, c), (SMALL, SMALL, c))]
+    shapes = ((k, SMALL, c), (SMALL, k, c), (SMALL, SMALL, c))
+    ks = [jnp.asarray(rng.standard_normal(s) * 0.05, jnp.float32) for s in shapes]
 
     def branches(impl: str):
         return jax.jit(lambda x, a, b, s: sum(depthwise_conv2d(x, w, None, impl) for w in (a, b, s)))

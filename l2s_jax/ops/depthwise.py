@@ -26,9 +26,9 @@ tested equal in value and in gradient (w.r.t. input and kernel):
 
 ``fft``, ``dft`` and ``shift`` run the batch in cache-sized chunks (``lax.map`` forward,
 ``lax.scan`` backward accumulating the kernel gradient in frequency), 1.2-2.4x faster than
-whole-batch passes on CPU. ``"auto"`` picks per backend and shape (see
-:func:`resolve_impl`). ``fft``, ``dft`` and ``shift`` define custom VJPs: reverse mode (grad/vjp) works, forward mode (jvp) does not;
-use ``direct`` or ``toeplitz`` for jvp. Weights are always
+whole-batch passes on CPU. They define custom VJPs: reverse mode (grad/vjp) works,
+forward mode (jvp) does not; use ``direct`` or ``toeplitz`` for jvp. ``"auto"`` picks per
+backend and shape (see :func:`resolve_impl`). Weights are always
 arguments, never jit constants, and the transform/band matrices are built in-graph from
 ``iota`` (XLA would otherwise constant-fold a 51x51 convolution for minutes, and embedded
 matrices would bloat every lowered module).
