@@ -185,6 +185,12 @@ def _check_config_change(config: ml_collections.ConfigDict, workdir: Path) -> No
     _write_json(path, now)
 
 
+def schedule_length(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): ``config.total_steps`` if set, else ``config.epochs``."""
+    steps_per_epoch = max(num_train // config.batch_size, 1)
+    return steps_per_epoch, config.total_steps or max(int(round(config.epochs * steps_per_epoch)), 1)
+
+
 @dataclasses.dataclass
 class Training:
     """Everything a run needs on device: state, compiled step and eval, the teacher's state."""
@@ -240,8 +246,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path,
     _check_config_change(config, workdir)
     info = pipeline.dataset_info(config.data)
     mesh = train.create_mesh()
-    steps_per_epoch = max(info.num_train // config.batch_size, 1)
-    total = config.total_steps or max(int(round(config.epochs * steps_per_epoch)), 1)
+    steps_per_epoch, total = schedule_length(config, info.num_train)
     method = config.distill.method
     run = setup_training(config, mesh, num_classes=info.num_classes, steps_per_epoch=steps_per_epoch,
                          total_steps=total, teacher=teacher)
@@ -420,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             teacher_top1 = trained["top1"]
     base_top1, base_source = baseline_top1(config, workdir)
 
-    result = _finished(workdir)
+    result = _finished(workdir, schedule_length(config, info.num_train)[1])
     if result is None or result.get("method") != method:
         _say(f"== training the student ({config_lib.METHOD_NAMES[method]}) in {workdir}")
         result, _ = train_run(config, workdir, teacher)

@@ -310,22 +310,28 @@ def make_train_step(
         if mixup:
             images, targets = mixup_cutmix(images, targets, mix_key, num_classes=cfg.num_classes, **mixup)
         k = cfg.accum_steps
-        micro = (_micro_batches(images, k, mesh), _micro_batches(targets, k, mesh))
 
-        def accumulate(carry, inputs):
-            grads, stats, j = carry
-            x, y = inputs
+        def micro_step(stats, x, y, j):
             t_logits, t_feats = teacher_forward(teacher_state, x)
             (_, (parts, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(
                 state.params, stats, x, y, t_logits, t_feats, jax.random.fold_in(drop_key, j))
+            return g, stats, parts
+
+        def accumulate(carry, inputs):
+            grads, stats, j = carry
+            g, stats, parts = micro_step(stats, *inputs, j)
             grads = jax.tree.map(jnp.add, grads, g)
             if grad_shardings is not None:
                 grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
             return (grads, stats, j + 1), parts
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        (grads, stats, _), parts = jax.lax.scan(accumulate, (zeros, state.batch_stats, 0), micro)
-        grads = jax.tree.map(lambda g: g / k, grads)
+        if k == 1:  # no loop: XLA fuses and assigns buffers better outside a while loop
+            grads, stats, parts = micro_step(state.batch_stats, images, targets, 0)
+        else:
+            micro = (_micro_batches(images, k, mesh), _micro_batches(targets, k, mesh))
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, stats, _), parts = jax.lax.scan(accumulate, (zeros, state.batch_stats, 0), micro)
+            grads = jax.tree.map(lambda g: g / k, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)

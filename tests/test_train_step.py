@@ -167,6 +167,19 @@ def test_accumulation_matches_one_big_batch():
     _assert_trees_close(state_1.params, state_2.params)
 
 
+def test_mixed_precision_keeps_float32_master_weights():
+    """bfloat16 student compute and a bfloat16-held teacher: float32 params, finite float32 loss."""
+    student = _student("convnext_tiny_bn", dtype=jnp.bfloat16)
+    teacher = _teacher()
+    train.set_compute_dtype(teacher, jnp.bfloat16)
+    graph, state = nnx.split(teacher)
+    teacher = nnx.merge(graph, train.cast_floating(state, jnp.bfloat16))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(teacher, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+    state, metrics, _, _ = run_steps(student, teacher, devices=1, steps=1)
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert metrics[0]["loss"].dtype == np.float32 and np.isfinite(metrics[0]["loss"])
+
+
 def test_schedule_warmup_cosine():
     """Linear warmup from 0, peak at the end of warmup, cosine to exactly ``end`` at the last step."""
     sched = functools.partial(train.warmup_cosine, peak=4e-3, warmup_steps=10, total_steps=110, end=1e-6)
