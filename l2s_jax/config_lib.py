@@ -129,6 +129,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"expected one of {sorted(METHOD_NAMES)}")
     if config.report not in ("student", "ema"):
         raise ValueError(f"config.report must be 'student' or 'ema', got {config.report!r}")
+    for section, key in (("teacher", "train"), ("baseline", "overrides")):  # nested overrides of the config
+        try:
+            apply_overrides(config, config[section][key])
+        except ValueError as e:
+            raise ValueError(f"config.{section}.{key}: {e}") from e
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Any, _path: str = "") -> ml_collections.ConfigDict:

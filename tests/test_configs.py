@@ -140,3 +140,7 @@ def test_typo_inside_a_config_file_is_rejected_with_the_key_name():
         config_lib.validate(config)
     with pytest.raises(ValueError, match="optim.lrr"):
         config_lib.apply_overrides(config_lib.base_config(), {"optim": {"lrr": 1.0}})
+    config = config_lib.base_config()
+    config.teacher.train = {"model": {"name": "slak"}, "totl_steps": 5}
+    with pytest.raises(ValueError, match=r"config.teacher.train: override 'totl_steps'"):
+        config_lib.validate(config)
