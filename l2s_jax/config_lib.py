@@ -15,9 +15,10 @@ from typing import Any, Iterator
 import ml_collections
 from ml_collections import config_dict
 
+from l2s_jax import losses
+
 # Sub-trees whose keys are free-form: constructor overrides and dotted config overrides.
 FREE_FORM = ("model.overrides", "teacher.train", "baseline.overrides")
-METHOD_NAMES = {"ce": "CE", "kd": "KD", "nkd": "NKD", "fd": "FD", "fd+nkd": "FD+NKD", "fd+kd": "FD+KD"}
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
@@ -124,9 +125,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             close = difflib.get_close_matches(path, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"unknown config key {path!r}{hint}")
-    if config.distill.method not in METHOD_NAMES:
-        raise ValueError(f"config.distill.method: unknown method {config.distill.method!r}; "
-                         f"expected one of {sorted(METHOD_NAMES)}")
+    try:
+        distill_method(config)
+    except ValueError as e:
+        raise ValueError(f"config.distill: {e}") from e
     if config.report not in ("student", "ema"):
         raise ValueError(f"config.report must be 'student' or 'ema', got {config.report!r}")
     for section, key in (("teacher", "train"), ("baseline", "overrides")):  # nested overrides of the config
@@ -134,6 +136,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             apply_overrides(config, config[section][key])
         except ValueError as e:
             raise ValueError(f"config.{section}.{key}: {e}") from e
+
+
+def distill_method(config: ml_collections.ConfigDict) -> losses.Method:
+    """``config.distill`` (and the label smoothing of its CE) as one typed method."""
+    return losses.Method.from_settings(config.distill.method,
+                                       {**config.distill.to_dict(), "label_smoothing": config.label_smoothing})
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Any, _path: str = "") -> ml_collections.ConfigDict:

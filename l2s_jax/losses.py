@@ -20,9 +20,10 @@ should reach it even when a caller differentiates with respect to both models' o
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,16 @@ from l2s_jax.layers import Conv2d
 
 NKD_VARIANTS = ("paper", "official")
 FD_LOSS_TYPES = ("smooth_l1", "mse")
-METHODS = ("ce", "kd", "nkd", "fd", "fd+nkd", "fd+kd")
+# Every method of the paper: name -> (logit loss, feature distillation?, display name).
+METHOD_TABLE = {
+    "ce": ("ce", False, "CE"),
+    "kd": ("kd", False, "KD"),
+    "nkd": ("nkd", False, "NKD"),
+    "fd": ("ce", True, "FD"),
+    "fd+nkd": ("nkd", True, "FD+NKD"),
+    "fd+kd": ("kd", True, "FD+KD"),
+}
+METHODS = tuple(METHOD_TABLE)
 
 # The released NKDLoss subtracts this from the target logit of student and teacher before the
 # tau-softmax, which makes the target probability exactly 0 in float32 for the usual tau.
@@ -394,25 +404,71 @@ def feature_distillation_loss(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A distillation method parsed once, with every setting of its loss (hashable, jit-static).
+
+    ``logit_loss`` is ``"ce"`` (no teacher logits), ``"kd"`` or ``"nkd"``; ``fd_stages > 0``
+    adds feature distillation, eq. (5), on the last ``fd_stages`` stages. Defaults follow the
+    released code: KD T = 1, lam = 0.1; NKD tau = 1, lam = 1; FD weight 1.0 (``--lr_fd``).
+    """
+
+    name: str
+    label_smoothing: float = 0.0
+    kd_temperature: float = 1.0
+    kd_lam: float = 0.1
+    kd_hard: bool = False
+    nkd_temperature: float = 1.0
+    nkd_lam: float = 1.0
+    nkd_variant: str = "paper"
+    fd_stages: int = 1
+    fd_weight: float = 1.0
+    fd_beta: float = 2.0
+    fd_loss_type: str = "smooth_l1"
+    num_prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in METHOD_TABLE:
+            raise ValueError(f"unknown distillation method {self.name!r}; expected one of {METHODS}")
+        if self.nkd_variant not in NKD_VARIANTS:
+            raise ValueError(f"unknown NKD variant {self.nkd_variant!r}; expected one of {NKD_VARIANTS}")
+        if self.fd_loss_type not in FD_LOSS_TYPES:
+            raise ValueError(f"unknown FD loss type {self.fd_loss_type!r}; expected one of {FD_LOSS_TYPES}")
+        if METHOD_TABLE[self.name][1] and self.fd_stages < 1:
+            raise ValueError(f"method {self.name!r} distils features: fd_stages must be >= 1, got {self.fd_stages}")
+
+    @classmethod
+    def from_settings(cls, name: str, settings: Mapping[str, Any]) -> "Method":
+        """The method ``name`` with the fields of ``settings`` it knows (others are ignored)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"name"}
+        return cls(name=name, **{k: v for k, v in settings.items() if k in fields})
+
+    @property
+    def logit_loss(self) -> str:
+        return METHOD_TABLE[self.name][0]
+
+    @property
+    def feature_stages(self) -> int:
+        """Stages whose maps are distilled (0: none)."""
+        return self.fd_stages if METHOD_TABLE[self.name][1] else 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.logit_loss != "ce" or self.feature_stages > 0
+
+    @property
+    def display_name(self) -> str:
+        return METHOD_TABLE[self.name][2]
+
+
 def distillation_loss(
-    method: str,
+    method: Method,
     student_logits: jax.Array,
     teacher_logits: jax.Array | None,
     labels: jax.Array,
     *,
     projected_student_feats: Sequence[jax.Array] | None = None,
     teacher_feats: Sequence[jax.Array] | None = None,
-    fd_weight: float = 1.0,
-    fd_beta: float = 2.0,
-    fd_loss_type: str = "smooth_l1",
-    num_prefix_tokens: int = 0,
-    label_smoothing: float = 0.0,
-    kd_temperature: float = 1.0,
-    kd_lam: float = 0.1,
-    kd_hard: bool = False,
-    nkd_temperature: float = 1.0,
-    nkd_lam: float = 1.0,
-    nkd_variant: str = "paper",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total training loss of one method and its unweighted components (for logging).
 
@@ -422,37 +478,29 @@ def distillation_loss(
     fd_weight * FD (no extra CE: the paper variant of NKD contains one already).
     ``label_smoothing`` applies to the CE of ``"ce"`` and ``"fd"`` only (the authors' criterion);
     KD's CE is unsmoothed like ``loss_kd``. FD methods take the student maps already projected by a
-    :class:`FeatureProjector` and the teacher maps/tokens of the same stages. Defaults follow the
-    released code: KD T = 1, lam = 0.1; NKD tau = 1, lam = 1; FD weight 1.0 (``--lr_fd``).
+    :class:`FeatureProjector` and the teacher maps/tokens of the same stages.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown distillation method {method!r}; expected one of {METHODS}")
-    uses_fd = method.startswith("fd")
-    logit_method = {"fd": "ce", "fd+kd": "kd", "fd+nkd": "nkd"}.get(method, method)
+    m = method
+    logit_method = m.logit_loss
     if logit_method != "ce" and teacher_logits is None:
-        raise ValueError(f"method {method!r} needs teacher_logits")
-    if uses_fd and (projected_student_feats is None or teacher_feats is None):
-        raise ValueError(f"method {method!r} needs projected_student_feats and teacher_feats")
+        raise ValueError(f"method {m.name!r} needs teacher_logits")
+    if m.feature_stages and (projected_student_feats is None or teacher_feats is None):
+        raise ValueError(f"method {m.name!r} needs projected_student_feats and teacher_feats")
 
     if logit_method == "ce":
-        logit_loss = cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+        logit_loss = cross_entropy(student_logits, labels, label_smoothing=m.label_smoothing)
     elif logit_method == "kd":
-        logit_loss = kd(student_logits, teacher_logits, labels, temperature=kd_temperature, lam=kd_lam, hard=kd_hard)
+        logit_loss = kd(student_logits, teacher_logits, labels, temperature=m.kd_temperature, lam=m.kd_lam,
+                        hard=m.kd_hard)
     else:
-        logit_loss = nkd(
-            student_logits, teacher_logits, labels, temperature=nkd_temperature, lam=nkd_lam, variant=nkd_variant
-        )
+        logit_loss = nkd(student_logits, teacher_logits, labels, temperature=m.nkd_temperature, lam=m.nkd_lam,
+                         variant=m.nkd_variant)
     components = {logit_method: logit_loss}
     total = logit_loss
-    if uses_fd:
-        fd = projected_feature_loss(
-            projected_student_feats,
-            teacher_feats,
-            beta=fd_beta,
-            num_prefix_tokens=num_prefix_tokens,
-            loss_type=fd_loss_type,
-        )
+    if m.feature_stages:
+        fd = projected_feature_loss(projected_student_feats, teacher_feats, beta=m.fd_beta,
+                                    num_prefix_tokens=m.num_prefix_tokens, loss_type=m.fd_loss_type)
         components["fd"] = fd
-        total = total + fd_weight * fd
+        total = total + m.fd_weight * fd
     components["total"] = total
     return total, components

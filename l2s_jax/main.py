@@ -13,14 +13,20 @@
 4. teacher / baseline / distilled top-1 with Direct and Effective Gain (x100).
 
 Every finished run leaves ``result.json`` in its directory, so re-running skips finished work.
+A workdir belongs to one config: re-running it with settings that change what is trained (another
+method, model, schedule, ...) is refused, naming the differing keys, unless
+``--resume_changed_config``. Expected errors (a missing teacher or dataset, a bad config) end
+with one ``error: ...`` line and exit status 2; ``--debug`` shows their tracebacks.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +45,31 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file (co
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (SLURM, Open MPI, TPU pods, ...).")
+flags.DEFINE_bool("resume_changed_config", False,
+                  "Continue the run in --workdir although its saved config.json differs from this config.")
+flags.DEFINE_bool("debug", False, "Show tracebacks of expected errors too.")
 
 RESULT_FILE = "result.json"
+CONFIG_FILE = "config.json"
 EXPORT_DIR = "export"
+# Config keys that do not change what a run trains: a workdir may be resumed with other values.
+NEUTRAL_KEYS = ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
+                "eval_batch_size", "teacher.evaluate", "teacher.name", "model.label", "data.data_dir",
+                "data.num_workers", "data.prefetch", "baseline.", "paper.")
+
+
+class RunError(Exception):
+    """An expected error (bad config, missing data or teacher): shown as one line, exit status 2."""
+
+
+@contextlib.contextmanager
+def _user_errors(what: str = "") -> Iterator[None]:
+    """Turn the library's input errors raised inside into :class:`RunError` (prefixed by ``what``)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise RunError(f"{what}{message}") from e
 
 
 def _is_lead() -> bool:
@@ -91,7 +119,7 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int, num_devic
 def load_teacher(config: ml_collections.ConfigDict, ckpt_dir: Path, num_classes: int) -> nnx.Module:
     """The frozen teacher in eval mode: fused (SLaK), in its compute dtype."""
     if not (ckpt_dir / registry.SPEC_FILE).exists():
-        raise FileNotFoundError(
+        raise RunError(
             f"teacher checkpoint {str(ckpt_dir)!r} not found (config.teacher.checkpoint). Convert the official "
             f"{config.teacher.name} weights first:\n  python tools/convert_weights.py --arch {config.teacher.arch} "
             f"--src FILE --out {ckpt_dir}")
@@ -100,13 +128,14 @@ def load_teacher(config: ml_collections.ConfigDict, ckpt_dir: Path, num_classes:
         model.fuse()
     layers.set_depthwise_impl(model, config.teacher.depthwise_impl)
     if config.teacher.dtype != "float32":
-        train.set_computejnp.dtype(model, jnp.dtype(config.teacher.dtype))
+        train.set_compute_dtype(model, jnp.dtype(config.teacher.dtype))
     graph, state = nnx.split(model)
     size = config.data.image_size
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     logits = jax.eval_shape(lambda s, x: nnx.merge(graph, s)(x), state, image)
     if logits.shape[-1] != num_classes:
-        raise ValueError(f"teacher {ckpt_dir} predicts {logits.shape[-1]} classes, the dataset has {num_classes}")
+        raise RunError(f"teacher {ckpt_dir} predicts {logits.shape[-1]} classes but the dataset "
+                       f"{config.data.name!r} has {num_classes}: use a teacher trained on this dataset")
     return model
 
 
@@ -137,19 +166,12 @@ def evaluate(eval_fn: Any, states: tuple[Any, ...], config: ml_collections.Confi
 # --- one training run ------------------------------------------------------------------------
 
 def _step_config(config: ml_collections.ConfigDict, num_classes: int) -> train.StepConfig:
-    d = config.distill
     mixup = config.mixup.to_dict()
     use_mixup = mixup["prob"] > 0 and (mixup["mixup_alpha"] > 0 or mixup["cutmix_alpha"] > 0)
-    loss = dict(
-        label_smoothing=config.label_smoothing, kd_temperature=d.kd_temperature, kd_lam=d.kd_lam,
-        kd_hard=d.kd_hard, nkd_temperature=d.nkd_temperature, nkd_lam=d.nkd_lam, nkd_variant=d.nkd_variant,
-        fd_weight=d.fd_weight, fd_beta=d.fd_beta, fd_loss_type=d.fd_loss_type,
-    )
     return train.StepConfig(
-        method=d.method, num_classes=num_classes, seed=config.seed, accum_steps=config.accum_steps,
-        fd_stages=d.fd_stages if d.method.startswith("fd") else 0, ema_decay=config.ema_decay,
+        method=config_lib.distill_method(config), num_classes=num_classes, seed=config.seed,
+        accum_steps=config.accum_steps, ema_decay=config.ema_decay,
         mixup=tuple(sorted({**mixup, "label_smoothing": config.label_smoothing}.items())) if use_mixup else (),
-        loss=tuple(sorted(loss.items())),
     )
 
 
@@ -168,20 +190,47 @@ def _restore(manager: ocp.CheckpointManager, state: train.TrainState, iterator: 
     try:
         restored = manager.restore(step, args=_checkpoint_args(abstract, iterator, restore=True))
     except (ValueError, KeyError, TypeError) as e:
-        raise RuntimeError(
+        raise RunError(
             f"the checkpoints in {workdir / 'checkpoints'} do not match this config ({e}). They were left "
             "untouched: use another --workdir for a different model or method.") from e
     _say(f"resumed from step {step} ({workdir / 'checkpoints'})")
     return restored["state"], restored[pipeline.ITERATOR_ITEM]
 
 
-def _check_config_change(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    path = workdir / "config.json"
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def config_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ and that change what a run trains (not :data:`NEUTRAL_KEYS`)."""
+    a, b = _flatten(before), _flatten(now)
+    return sorted(k for k in set(a) | set(b)
+                  if a.get(k, "<absent>") != b.get(k, "<absent>")
+                  and not any(k == n or (n.endswith(".") and k.startswith(n)) for n in NEUTRAL_KEYS))
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: Path, *, resume_changed: bool = False) -> None:
+    """Record ``config`` as the config of ``workdir``; refuse a workdir that holds another run.
+
+    A workdir whose ``config.json`` differs in a key that changes the training is never silently
+    reused (its checkpoints and results would be passed off as this config's).
+    """
+    path = workdir / CONFIG_FILE
     now = json.loads(config.to_json_best_effort())
     before = _read_json(path)
-    if before is not None and before != now:
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        logging.warning("config differs from the one saved in %s (top-level keys %s)", path, changed)
+    if before is not None:
+        changed = config_differences(before, now)
+        if changed and not resume_changed:
+            a, b = _flatten(before), _flatten(now)
+            shown = "; ".join(f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in changed[:6])
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise RunError(f"{workdir} holds a run of another config ({shown}{more}); use another --workdir, or "
+                           "pass --resume_changed_config to continue that run with the new settings")
+        if changed:
+            _say(f"continuing {workdir} with changed settings: {', '.join(changed)}")
+    workdir.mkdir(parents=True, exist_ok=True)
     _write_json(path, now)
 
 
@@ -205,14 +254,14 @@ class Training:
 def setup_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, num_classes: int,
                    steps_per_epoch: int, total_steps: int, teacher: nnx.Module | None) -> Training:
     """Build the student, optimizer, sharded train state and the jitted step for ``config``."""
-    method = config.distill.method
+    method = config_lib.distill_method(config)
     teacher_graph = teacher_state = teacher_sh = None
     teacher_channels = None
-    if method != "ce":
+    if method.uses_teacher:
         if teacher is None:
-            raise ValueError(f"method {method!r} needs a teacher")
-        if method.startswith("fd"):
-            teacher_channels = train.feature_channels(teacher, config.data.image_size, config.distill.fd_stages)
+            raise ValueError(f"method {method.name!r} needs a teacher")
+        if method.feature_stages:
+            teacher_channels = train.feature_channels(teacher, config.data.image_size, method.feature_stages)
         teacher_graph, teacher_state = nnx.split(teacher)
         if config.teacher.param_dtype != "float32":
             teacher_state = train.cast_floating(teacher_state, jnp.dtype(config.teacher.param_dtype))
@@ -235,19 +284,18 @@ def setup_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *
                     student_def, teacher_state)
 
 
-def train_run(config: ml_collections.ConfigDict, workdir: Path,
-              teacher: nnx.Module | None) -> tuple[dict[str, Any], nnx.Module]:
+def train_run(config: ml_collections.ConfigDict, workdir: Path, teacher: nnx.Module | None, *,
+              resume_changed: bool = False) -> tuple[dict[str, Any], nnx.Module]:
     """Train ``config.model`` (distilled from ``teacher`` unless method ``ce``) in ``workdir``.
 
     Returns the result (final top-1/top-5 of student and EMA) and the trained network (the
     EMA one when ``config.report == "ema"``).
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_config_change(config, workdir)
+    claim_workdir(config, workdir, resume_changed=resume_changed)
     info = pipeline.dataset_info(config.data)
     mesh = train.create_mesh()
     steps_per_epoch, total = schedule_length(config, info.num_train)
-    method = config.distill.method
+    method = config_lib.distill_method(config)
     run = setup_training(config, mesh, num_classes=info.num_classes, steps_per_epoch=steps_per_epoch,
                          total_steps=total, teacher=teacher)
     state, step_fn, eval_fn, student_def, teacher_state = (run.state, run.step_fn, run.eval_fn, run.student_def,
@@ -261,7 +309,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path,
     writer = metric_io.MetricWriter(workdir, just_logging=not _is_lead())
     start = int(jax.device_get(state.step))
     eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
-    _say(f"{workdir}: {config.model.label or config.model.name} ({config_lib.METHOD_NAMES[method]}), {total} steps of "
+    _say(f"{workdir}: {config.model.label or config.model.name} ({method.display_name}), {total} steps of "
          f"{config.batch_size} images ({steps_per_epoch} per epoch), {mesh.size} devices")
 
     def run_eval(step: int) -> dict[str, float]:
@@ -305,7 +353,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path,
 
     final = run_eval(total)
     key = "ema" if config.report == "ema" and state.ema_params is not None else "student"
-    result = {"model": config.model.name, "method": method, "total_steps": total, **final,
+    result = {"model": config.model.name, "method": method.name, "total_steps": total, **final,
               "top1": final[f"{key}_top1"], "top5": final[f"{key}_top5"]}
     _write_json(workdir / RESULT_FILE, result)
     writer.close()
@@ -333,27 +381,73 @@ def _sub_config(config: ml_collections.ConfigDict, *overrides: Any) -> ml_collec
     return out
 
 
-def prepare_teacher(config: ml_collections.ConfigDict, workdir: Path, num_classes: int) -> tuple[Path, dict | None]:
-    """The converted teacher checkpoint to use; trains one from scratch when ``config.teacher.train``."""
-    if not config.teacher.train:
-        if not config.teacher.checkpoint:
-            raise ValueError(
-                f"config.teacher.checkpoint is empty: method {config.distill.method!r} needs a teacher. Convert the "
-                f"official weights with `python tools/convert_weights.py --arch {config.teacher.arch} --src FILE "
-                "--out DIR` and pass --config.teacher.checkpoint=DIR")
+def check_batching(config: ml_collections.ConfigDict, num_devices: int, what: str = "config") -> None:
+    """The global batch must split into ``accum_steps`` micro-batches that split over the devices."""
+    b, k = config.batch_size, config.accum_steps
+    if k < 1 or b % k or (b // k) % num_devices:
+        raise RunError(f"{what}: batch_size={b} does not split into accum_steps={k} micro-batches spread over "
+                       f"{num_devices} devices; choose batch_size a multiple of accum_steps x devices = "
+                       f"{max(k, 1) * num_devices}")
+    if config.eval_batch_size % num_devices:
+        raise RunError(f"{what}: eval_batch_size={config.eval_batch_size} must be a multiple of the "
+                       f"{num_devices} devices")
+
+
+def preflight(config: ml_collections.ConfigDict, num_devices: int) -> pipeline.DatasetInfo:
+    """Everything that can be checked before any training: config keys, data, batching, teacher."""
+    with _user_errors():
+        config_lib.validate(config)
+        method = config_lib.distill_method(config)
+    with _user_errors("data: "):
+        info = pipeline.dataset_info(config.data)
+    check_batching(config, num_devices)
+    if method.uses_teacher and config.teacher.train and not config.teacher.checkpoint:
+        check_batching(_sub_config(config, config.teacher.train.to_dict()), num_devices, "config.teacher.train")
+    if config.baseline.train and config.baseline.top1 is None:
+        check_batching(_sub_config(config, config.baseline.overrides.to_dict()), num_devices,
+                       "config.baseline.overrides")
+    if method.uses_teacher and not config.teacher.train and not config.teacher.checkpoint:
+        raise RunError(
+            f"config.teacher.checkpoint is empty: method {method.name!r} needs a teacher. Convert the official "
+            f"weights with `python tools/convert_weights.py --arch {config.teacher.arch} --src FILE --out DIR` "
+            "and pass --config.teacher.checkpoint=DIR")
+    return info
+
+
+def prepare_teacher(config: ml_collections.ConfigDict, workdir: Path, num_classes: int, *,
+                    resume_changed: bool = False) -> tuple[Path, dict | None]:
+    """The converted teacher checkpoint to use and, when trained here, its result.
+
+    ``config.teacher.checkpoint`` wins over ``config.teacher.train`` (which trains one from
+    scratch in ``WORKDIR/teacher``, as the demo does).
+    """
+    if config.teacher.checkpoint:
+        if config.teacher.train:
+            _say(f"teacher: the converted checkpoint {config.teacher.checkpoint} (config.teacher.train is not used)")
         return Path(config.teacher.checkpoint).expanduser().resolve(), None
     teacher_dir = workdir / "teacher"
     export = teacher_dir / EXPORT_DIR
+    sub = _sub_config(config, config.teacher.train.to_dict())
     result = _finished(teacher_dir)
     if result is None or not (export / registry.SPEC_FILE).exists():
         _say(f"== training the teacher from scratch in {teacher_dir}")
-        result, model = train_run(_sub_config(config, config.teacher.train.to_dict()), teacher_dir, None)
+        result, model = train_run(sub, teacher_dir, None, resume_changed=resume_changed)
         if not (export / registry.SPEC_FILE).exists():
-            _export_model(model, _sub_config(config, config.teacher.train.to_dict()), num_classes, export)
+            _export_model(model, sub, num_classes, export)
     return export, result
 
 
-def baseline_top1(config: ml_collections.ConfigDict, workdir: Path) -> tuple[float | None, str]:
+def teacher_label(config: ml_collections.ConfigDict, ckpt: Path) -> str:
+    """``config.teacher.name``, unless the checkpoint holds another architecture than ``teacher.model``."""
+    spec = registry.read_spec(ckpt)
+    expected = registry.MODELS.get(config.teacher.model, (config.teacher.model, {}))[0]
+    if (config.teacher.train and not config.teacher.checkpoint) or spec["family"] == expected:
+        return config.teacher.name
+    return f"{spec['family']} ({ckpt.name})"
+
+
+def baseline_top1(config: ml_collections.ConfigDict, workdir: Path, *,
+                  resume_changed: bool = False) -> tuple[float | None, str]:
     """The baseline student's top-1: given, trained here, or read from a previous run."""
     if config.baseline.top1 is not None:
         return float(config.baseline.top1), "config"
@@ -361,7 +455,8 @@ def baseline_top1(config: ml_collections.ConfigDict, workdir: Path) -> tuple[flo
     result = _finished(baseline_dir)
     if result is None and config.baseline.train:
         _say(f"== training the baseline student (CE) in {baseline_dir}")
-        result, _ = train_run(_sub_config(config, config.baseline.overrides.to_dict()), baseline_dir, None)
+        result, _ = train_run(_sub_config(config, config.baseline.overrides.to_dict()), baseline_dir, None,
+                              resume_changed=resume_changed)
     if result is None:
         return None, ""
     return float(result["top1"]), str(baseline_dir)
@@ -398,19 +493,21 @@ def gains_table(*, teacher: str, student: str, method: str, teacher_top1: float 
     return "\n".join(lines)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       resume_changed: bool = False) -> dict[str, Any]:
     """The whole job of the module docstring; returns the summary also written to ``summary.json``."""
-    config_lib.validate(config)
-    workdir = Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    method = config.distill.method
-    info = pipeline.dataset_info(config.data)
     mesh = train.create_mesh()
+    info = preflight(config, mesh.size)
+    workdir = Path(workdir).expanduser().resolve()
+    claim_workdir(config, workdir, resume_changed=resume_changed)
+    method = config_lib.distill_method(config)
     teacher = None
     teacher_top1 = config.teacher.top1
-    if method != "ce":
-        ckpt, trained = prepare_teacher(config, workdir, info.num_classes)
+    teacher_name = config.teacher.name
+    if method.uses_teacher:
+        ckpt, trained = prepare_teacher(config, workdir, info.num_classes, resume_changed=resume_changed)
         teacher = load_teacher(config, ckpt, info.num_classes)
+        teacher_name = teacher_label(config, ckpt)
         if config.teacher.evaluate:
             cache = workdir / "teacher_eval.json"
             cached = _read_json(cache)
@@ -420,26 +517,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 cached = {"checkpoint": str(ckpt), **result}
                 _write_json(cache, cached)
             teacher_top1 = cached["top1"]
-            _say(f"teacher {config.teacher.name}: top-1 {cached['top1']:.2f}%, top-5 {cached['top5']:.2f}%")
+            _say(f"teacher {teacher_name}: top-1 {cached['top1']:.2f}%, top-5 {cached['top5']:.2f}%")
         elif trained is not None:
             teacher_top1 = trained["top1"]
-    base_top1, base_source = baseline_top1(config, workdir)
+    base_top1, base_source = baseline_top1(config, workdir, resume_changed=resume_changed)
 
     result = _finished(workdir, schedule_length(config, info.num_train)[1])
-    if result is None or result.get("method") != method:
-        _say(f"== training the student ({config_lib.METHOD_NAMES[method]}) in {workdir}")
-        result, _ = train_run(config, workdir, teacher)
-    summary = {"teacher": config.teacher.name if method != "ce" else None, "teacher_top1": teacher_top1,
-               "student": config.model.name, "method": method, "baseline_top1": base_top1,
+    if result is None or result.get("method") != method.name:
+        _say(f"== training the student ({method.display_name}) in {workdir}")
+        result, _ = train_run(config, workdir, teacher, resume_changed=resume_changed)
+    summary = {"teacher": teacher_name if method.uses_teacher else None, "teacher_top1": teacher_top1,
+               "student": config.model.name, "method": method.name, "baseline_top1": base_top1,
                "baseline_source": base_source, "distilled_top1": result["top1"], "result": result}
-    if method != "ce":
-        table = gains_table(teacher=config.teacher.name, student=config.model.label or config.model.name,
-                            method=config_lib.METHOD_NAMES[method], teacher_top1=teacher_top1,
+    if method.uses_teacher:
+        table = gains_table(teacher=teacher_name, student=config.model.label or config.model.name,
+                            method=method.display_name, teacher_top1=teacher_top1,
                             baseline_top1=base_top1, distilled_top1=result["top1"], paper=config.paper.to_dict())
         summary["table"] = table
         _say("\n" + table)
     _write_json(workdir / "summary.json", summary)
     return summary
+
+
+def _innermost_message(e: BaseException) -> str:
+    """The message of the innermost exception that ``e`` wraps (ml_collections nests them)."""
+    while e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]
+    return str(e.args[0]) if e.args else str(e)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config files and overrides that fail reported in one line."""
+    try:
+        rest = flags.FLAGS(argv)
+        if flags.FLAGS.config is not None:
+            flags.FLAGS.config.keys()  # a config file that failed to load raises only when first read
+        return rest
+    except flags.Error as e:  # a get_config() that raised: its traceback is in the message
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _fail(f"{lines[0]} {lines[-1]}" if len(lines) > 1 and "Traceback" in str(e) else " ".join(lines))
+    except OSError as e:
+        _fail(f"cannot load the config file: {_innermost_message(e).splitlines()[-1].strip()}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        message = " ".join(_innermost_message(e).split())
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        bad = [a for a in overrides if any(f"'{part}'" in message for part in a.split("=", 1)[0].split(".")[1:])]
+        where = (bad or overrides or ["--config"])[0]
+        _fail(f"{where}: {message} (the keys are listed in l2s_jax/config_lib.py base_config)")
+    raise AssertionError("unreachable")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
@@ -449,9 +579,15 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # the progress lines are printed; library INFO logs are noise
     if flags.FLAGS.distributed:
         jax.distributed.initialize()
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
+                           resume_changed=flags.FLAGS.resume_changed_config)
+    except RunError as e:
+        if flags.FLAGS.debug:
+            raise
+        _fail(str(e))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -233,18 +233,12 @@ def init_train_state(params: nnx.State, stats: nnx.State, optimizer: optax.Gradi
 class StepConfig:
     """Static settings of the train step (hashable: they are baked into the compiled step)."""
 
-    method: str
+    method: losses.Method
     num_classes: int
     seed: int = 0
     accum_steps: int = 1
-    fd_stages: int = 0
     ema_decay: float = 0.0
     mixup: tuple[tuple[str, Any], ...] = ()
-    loss: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.method != "ce"
 
 
 def _micro_batches(x: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
@@ -277,14 +271,14 @@ def make_train_step(
     micro-batches stay spread over all devices; ``grad_shardings`` (the params' shardings)
     keeps accumulated gradients FSDP-sharded.
     """
-    loss_kwargs = dict(cfg.loss)
     mixup = dict(cfg.mixup)
-    fd_stages = cfg.fd_stages if cfg.method.startswith("fd") else 0
-    if cfg.uses_teacher and teacher_graph is None:
-        raise ValueError(f"method {cfg.method!r} needs a teacher")
+    method = cfg.method
+    fd_stages = method.feature_stages
+    if method.uses_teacher and teacher_graph is None:
+        raise ValueError(f"method {method.name!r} needs a teacher")
 
     def teacher_forward(teacher_state: nnx.State, images: jax.Array) -> tuple[jax.Array | None, list[jax.Array]]:
-        if not cfg.uses_teacher:
+        if not method.uses_teacher:
             return None, []
         teacher = nnx.merge(teacher_graph, teacher_state)
         teacher.eval()  # running BN statistics, no drop path, whatever mode it was split in
@@ -298,9 +292,8 @@ def make_train_step(
         nnx.reseed(student, dropout=key)
         logits, feats = logits_and_features(student.model, images, fd_stages)
         projected = student.projector(feats) if fd_stages else None
-        loss, parts = losses.distillation_loss(
-            cfg.method, logits, t_logits, targets, projected_student_feats=projected,
-            teacher_feats=t_feats or None, **loss_kwargs)
+        loss, parts = losses.distillation_loss(method, logits, t_logits, targets, projected_student_feats=projected,
+                                               teacher_feats=t_feats or None)
         return loss, (parts, nnx.state(student, STATS))
 
     def train_step(state: TrainState, teacher_state: nnx.State | None, batch: dict[str, jax.Array]):

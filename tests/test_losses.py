@@ -448,11 +448,10 @@ def test_feature_projector_validates_widths(projector):
 @jax.jit
 def _every_method(s, t, labels, ps, tf):
     """distillation_loss of every method (teacher logits omitted where unused), one compile."""
-    kwargs = dict(
-        projected_student_feats=ps, teacher_feats=tf, fd_weight=0.5, label_smoothing=0.1,
-        kd_temperature=4.0, kd_lam=0.9, nkd_temperature=2.0, nkd_lam=0.5, nkd_variant="official",
-    )
-    return {m: L.distillation_loss(m, s, None if m in ("ce", "fd") else t, labels, **kwargs) for m in L.METHODS}
+    settings = dict(fd_weight=0.5, label_smoothing=0.1, kd_temperature=4.0, kd_lam=0.9, nkd_temperature=2.0,
+                    nkd_lam=0.5, nkd_variant="official")
+    return {m: L.distillation_loss(L.Method(m, **settings), s, None if m in ("ce", "fd") else t, labels,
+                                   projected_student_feats=ps, teacher_feats=tf) for m in L.METHODS}
 
 
 @jax.jit
@@ -495,8 +494,26 @@ def test_distillation_loss_validates_arguments():
     s, t = _logits(111)
     labels = _hard_labels(11)
     with pytest.raises(ValueError, match="fd\\+nkd"):
-        L.distillation_loss("dkd", s, t, labels)
+        L.Method("dkd")
     with pytest.raises(ValueError, match="teacher_logits"):
-        L.distillation_loss("kd", s, None, labels)
+        L.distillation_loss(L.Method("kd"), s, None, labels)
     with pytest.raises(ValueError, match="projected_student_feats"):
-        L.distillation_loss("fd+kd", s, t, labels)
+        L.distillation_loss(L.Method("fd+kd"), s, t, labels)
+
+
+@pytest.mark.parametrize("name, logit, stages, teacher, display", [
+    ("ce", "ce", 0, False, "CE"), ("kd", "kd", 0, True, "KD"), ("nkd", "nkd", 0, True, "NKD"),
+    ("fd", "ce", 2, True, "FD"), ("fd+kd", "kd", 2, True, "FD+KD"), ("fd+nkd", "nkd", 2, True, "FD+NKD")])
+def test_method_is_parsed_once(name, logit, stages, teacher, display):
+    """Every method name parses into its logit loss, distilled stages and teacher use."""
+    m = L.Method.from_settings(name, {"fd_stages": 2, "kd_lam": 0.5, "not_a_loss_setting": 1})
+    assert (m.logit_loss, m.feature_stages, m.uses_teacher, m.display_name) == (logit, stages, teacher, display)
+    assert m.kd_lam == 0.5 and hash(m) == hash(L.Method.from_settings(name, {"fd_stages": 2, "kd_lam": 0.5}))
+
+
+def test_method_rejects_bad_settings():
+    for kwargs, match in ((dict(nkd_variant="x"), "NKD variant"), (dict(fd_loss_type="l3"), "FD loss type")):
+        with pytest.raises(ValueError, match=match):
+            L.Method("nkd", **kwargs)
+    with pytest.raises(ValueError, match="fd_stages"):
+        L.Method("fd", fd_stages=0)

@@ -24,7 +24,7 @@ from l2s_jax.models import create
 NUM_CLASSES = 4
 BATCH, SIZE = 16, 32
 MIXUP = (("cutmix_alpha", 1.0), ("label_smoothing", 0.1), ("mixup_alpha", 0.8), ("prob", 1.0), ("switch_prob", 0.5))
-LOSS = (("nkd_temperature", 2.0), ("kd_temperature", 2.0), ("kd_lam", 0.5))
+LOSS = {"nkd_temperature": 2.0, "kd_temperature": 2.0, "kd_lam": 0.5, "fd_stages": 1}
 
 
 def _teacher(train_mode: bool = False) -> nnx.Module:
@@ -69,8 +69,8 @@ def run_steps(student: train.DistillStudent, teacher: nnx.Module, *, devices: in
     shardings = train.tree_shardings(state, mesh, fsdp=fsdp, min_size=64)
     teacher_graph, teacher_state = nnx.split(teacher)
     teacher_sh = train.tree_shardings(teacher_state, mesh, fsdp=fsdp, min_size=64)
-    cfg = train.StepConfig(method=method, num_classes=NUM_CLASSES, seed=3, accum_steps=accum, fd_stages=1,
-                           ema_decay=0.9, mixup=MIXUP, loss=LOSS)
+    cfg = train.StepConfig(method=losses.Method.from_settings(method, LOSS), num_classes=NUM_CLASSES, seed=3,
+                           accum_steps=accum, ema_decay=0.9, mixup=MIXUP)
     step = train.jit_train_step(
         train.make_train_step(student_def, teacher_graph, optimizer, schedule, cfg, mesh=mesh,
                               grad_shardings=shardings.params),
