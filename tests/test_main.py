@@ -106,10 +106,10 @@ def test_missing_teacher_checkpoint_says_how_to_convert(tmp_path):
     config = _demo_config(tmp_path / "tfds")
     config.teacher.train = {}
     config.teacher.update(checkpoint=str(tmp_path / "nowhere"), arch="slak")
-    with pytest.raises(FileNotFoundError, match=r"python tools/convert_weights.py --arch slak --src FILE"):
+    with pytest.raises(main.RunError, match=r"python tools/convert_weights.py --arch slak --src FILE"):
         main.train_and_evaluate(config, tmp_path / "run")
     config.teacher.checkpoint = ""
-    with pytest.raises(ValueError, match="config.teacher.checkpoint is empty"):
+    with pytest.raises(main.RunError, match="config.teacher.checkpoint is empty"):
         main.train_and_evaluate(config, tmp_path / "run")
 
 
@@ -135,6 +135,6 @@ def test_crc32c_and_event_encoding():
 def test_unknown_config_key_is_rejected_before_any_work(tmp_path):
     config = config_lib.base_config()
     config.optim.lrr = 1.0
-    with pytest.raises(ValueError, match="optim.lrr"):
+    with pytest.raises(main.RunError, match="optim.lrr"):
         main.train_and_evaluate(config, tmp_path)
     assert not any(tmp_path.iterdir())
