@@ -80,6 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.report = "student"           # which top-1 is "distilled": student | ema
+    c.nan_policy = "stop"          # a non-finite loss/gradient: "stop" the run, or "skip" the update
     c.baseline = dict(
         top1=config_dict.placeholder(float),  # baseline student top-1 (%), if known
         workdir="",                # a finished baseline run to read (default WORKDIR/baseline)
@@ -129,6 +130,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         distill_method(config)
     except ValueError as e:
         raise ValueError(f"config.distill: {e}") from e
+    if config.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"config.nan_policy must be 'stop' or 'skip', got {config.nan_policy!r}")
     if config.report not in ("student", "ema"):
         raise ValueError(f"config.report must be 'student' or 'ema', got {config.report!r}")
     for section, key in (("teacher", "train"), ("baseline", "overrides")):  # nested overrides of the config

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,16 +42,28 @@ from l2s_jax import config_lib, layers, losses, metric_io, train
 from l2s_jax.data import pipeline
 from l2s_jax.models import create, load_pretrained, registry, save_pretrained
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
 config_flags.DEFINE_config_file("config", None, "Training configuration file (configs/*.py[:args]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (SLURM, Open MPI, TPU pods, ...).")
+flags.DEFINE_bool("distributed", False,
+                  "Initialise jax.distributed from what JAX detects (SLURM, Open MPI, TPU pods, GKE) or from the "
+                  "three flags below.")
+flags.DEFINE_string("coordinator_address", os.environ.get("L2S_COORDINATOR_ADDRESS"),
+                    "HOST:PORT of process 0 for jax.distributed (env L2S_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", _env_int("L2S_NUM_PROCESSES"), "Processes in the job (env L2S_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", _env_int("L2S_PROCESS_ID"), "This process's index (env L2S_PROCESS_ID).")
 flags.DEFINE_bool("resume_changed_config", False,
                   "Continue the run in --workdir although its saved config.json differs from this config.")
 flags.DEFINE_bool("debug", False, "Show tracebacks of expected errors too.")
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
+PREEMPTED_EXIT = 3  # exit status of a run stopped by SIGTERM/SIGINT after saving a checkpoint
 EXPORT_DIR = "export"
 # Config keys that do not change what a run trains: a workdir may be resumed with other values.
 NEUTRAL_KEYS = ("log_every_steps", "eval_every_epochs", "checkpoint_every_steps", "keep_checkpoints",
@@ -181,20 +194,124 @@ def _checkpoint_args(state: Any, iterator: Any, *, restore: bool) -> ocp.args.Co
                               **{pipeline.ITERATOR_ITEM: pipeline.iterator_checkpoint_args(iterator, restore=restore)})
 
 
+def _shapes(tree: Any) -> list[tuple[int, ...]]:
+    """The sorted array shapes of a state or of its checkpoint metadata (whose tree type differs)."""
+    return sorted(tuple(x.shape) for x in jax.tree.leaves(tree) if hasattr(x, "shape"))
+
+
 def _restore(manager: ocp.CheckpointManager, state: train.TrainState, iterator: Any, workdir: Path):
-    """Resume from the latest checkpoint, if any; never touches checkpoints that do not fit."""
-    step = manager.latest_step()
-    if step is None:
-        return state, iterator
+    """Resume from the newest readable checkpoint, if any.
+
+    A checkpoint of another shape (another model) is refused and left untouched; an unreadable one
+    (truncated file, bad metadata) is renamed aside (``unreadable-STEP-TIME``, never deleted) and
+    the previous one is tried.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    ckpt_dir = workdir / "checkpoints"
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                saved = reader.metadata(ckpt_dir / str(step) / "state").item_metadata
+            shapes = _shapes(saved)
+            layout_differs = bool(shapes) and shapes != _shapes(abstract)  # empty: unreadable, handled below
+        except Exception:  # unreadable metadata: a damaged checkpoint, handled below
+            layout_differs = False
+        if layout_differs:
+            raise RunError(f"the checkpoints in {ckpt_dir} hold another model or optimizer than this config; they "
+                           "were left untouched: use another --workdir")
+        try:
+            restored = manager.restore(step, args=_checkpoint_args(abstract, iterator, restore=True))
+        except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is damaged
+            aside = ckpt_dir / f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            if _is_lead():
+                (ckpt_dir / str(step)).rename(aside)
+            _sync("unreadable checkpoint moved aside")
+            _say(f"checkpoint {ckpt_dir / str(step)} is unreadable ({reason}); moved it aside to {aside.name} "
+                 "and trying the previous one")
+            manager.reload()
+            continue
+        _say(f"resumed from step {step} ({ckpt_dir})")
+        return restored["state"], restored[pipeline.ITERATOR_ITEM]
+    return state, iterator
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (no-op on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: a checkpoint of ``step`` was written; re-running resumes."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}; re-run the same command to resume")
+        self.step = step
+
+
+class PreemptionGuard:
+    """Catches SIGTERM and a first SIGINT so the loop can checkpoint and stop; a second SIGINT exits.
+
+    On several processes :meth:`requested` agrees on the same step everywhere (any process that
+    got the signal stops all of them), so every process saves the same checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "PreemptionGuard":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop at once
+        self.signalled = True
+        _say(f"  received {signal.Signals(signum).name}: saving a checkpoint after this step")
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.signalled
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.signalled))))
+
+
+def _nonfinite_report(pending: list[tuple[int, dict[str, Any]]]) -> tuple[int, list[str]] | None:
+    """The first step of ``pending`` whose loss or gradient norm is not finite, with those terms."""
+    for step, metrics in pending:
+        m = jax.device_get(metrics)
+        if m["nonfinite"] > 0:
+            terms = [f"{k}={float(v):g}" for k, v in m.items()
+                     if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)]
+            return step, terms
+    return None
+
+
+def _save(manager: ocp.CheckpointManager, step: int, args: Any, ckpt_dir: Path) -> None:
+    """Write a checkpoint; a full disk or unwritable directory is a one-line error (older ones intact)."""
     try:
-        restored = manager.restore(step, args=_checkpoint_args(abstract, iterator, restore=True))
-    except (ValueError, KeyError, TypeError) as e:
-        raise RunError(
-            f"the checkpoints in {workdir / 'checkpoints'} do not match this config ({e}). They were left "
-            "untouched: use another --workdir for a different model or method.") from e
-    _say(f"resumed from step {step} ({workdir / 'checkpoints'})")
-    return restored["state"], restored[pipeline.ITERATOR_ITEM]
+        manager.save(step, args=args)
+    except OSError as e:
+        raise RunError(f"cannot write the checkpoint of step {step} to {ckpt_dir}: {e.strerror or e}; free space or "
+                       "fix the permissions, then re-run (the earlier checkpoints are intact)") from e
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -230,8 +347,11 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: Path, *, resume_ch
                            "pass --resume_changed_config to continue that run with the new settings")
         if changed:
             _say(f"continuing {workdir} with changed settings: {', '.join(changed)}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(path, now)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _write_json(path, now)
+    except OSError as e:
+        raise RunError(f"cannot write to the workdir {workdir}: {e.strerror or e}; choose a writable --workdir") from e
 
 
 def schedule_length(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
@@ -323,32 +443,70 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, teacher: nnx.Mod
         _say(f"  eval @ {step}: top-1 {out['student_top1']:.2f}%, top-5 {out['student_top5']:.2f}%{ema}")
         return out
 
-    pending: list[dict[str, jax.Array]] = []
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    skipped = 0
+    ckpt_dir = workdir / "checkpoints"
+
+    checked = start  # steps up to here were checked for non-finite updates
+
+    def check_finite() -> None:
+        nonlocal skipped, checked
+        fresh = [(i, m) for i, m in pending if i > checked]
+        if not fresh:
+            return
+        checked = fresh[-1][0]
+        bad = _nonfinite_report(fresh)
+        if bad is None:
+            return
+        if config.nan_policy == "skip":
+            skipped += sum(int(jax.device_get(m["nonfinite"])) for _, m in fresh)
+            return
+        last = manager.latest_step()
+        good = f"step {last} in {ckpt_dir}" if last is not None else "none yet"
+        raise RunError(f"non-finite loss or gradient at step {bad[0]} ({', '.join(bad[1])}); the update was not "
+                       f"applied and the run stopped. Last good checkpoint: {good}. Lower optim.lr, set "
+                       "optim.clip_grad_norm, or pass --config.nan_policy=skip to skip such updates")
+
     tick, tick_step = time.time(), start
+    guard = PreemptionGuard()
     try:
-        for step in range(start + 1, total + 1):
-            state, metrics = step_fn(state, teacher_state, pipeline.shard_batch(next(train_iter), mesh))
-            pending.append(metrics)
-            if step == start + 1:
-                jax.block_until_ready(state)
-                _say(f"  first step (including compilation) took {time.time() - tick:.1f}s")
-                pending, tick, tick_step = [], time.time(), step
-            if pending and (step % config.log_every_steps == 0 or step == total):
-                means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-                per_step = (time.time() - tick) / (step - tick_step)
-                means["images_per_sec"] = config.batch_size / per_step
-                writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
-                eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (total - step)))
-                _say(f"  step {step}/{total} | loss {means['loss']:.4f} | lr {means['lr']:.3g} | "
-                     f"{means['images_per_sec']:.1f} img/s | ETA {eta}")
-                pending, tick, tick_step = [], time.time(), step
-            if step % config.checkpoint_every_steps == 0 or step == total:
-                manager.save(step, args=_checkpoint_args(state, train_iter, restore=False))
-            if eval_every and step % eval_every == 0 and step != total:
-                run_eval(step)
-                tick = time.time()
+        with guard:
+            for step in range(start + 1, total + 1):
+                state, metrics = step_fn(state, teacher_state, pipeline.shard_batch(next(train_iter), mesh))
+                pending.append((step, metrics))
+                if step == start + 1:
+                    jax.block_until_ready(state)
+                    _say(f"  first step (including compilation) took {time.time() - tick:.1f}s")
+                    check_finite()
+                    pending, tick, tick_step = [], time.time(), step
+                if pending and (step % config.log_every_steps == 0 or step == total):
+                    check_finite()
+                    means = {k: float(np.mean([m[k] for _, m in jax.device_get(pending)])) for k in pending[0][1]}
+                    per_step = (time.time() - tick) / (step - tick_step)
+                    means["images_per_sec"] = config.batch_size / per_step
+                    means["skipped_updates"] = float(skipped)
+                    writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+                    eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (total - step)))
+                    skip = f" | {skipped} non-finite updates skipped" if skipped else ""
+                    _say(f"  step {step}/{total} | loss {means['loss']:.4f} | lr {means['lr']:.3g} | "
+                         f"{means['images_per_sec']:.1f} img/s | ETA {eta}{skip}")
+                    pending, tick, tick_step = [], time.time(), step
+                preempted = guard.requested()
+                if step % config.checkpoint_every_steps == 0 or step == total or preempted:
+                    check_finite()
+                    _save(manager, step, _checkpoint_args(state, train_iter, restore=False), ckpt_dir)
+                if preempted:
+                    manager.wait_until_finished()
+                    raise Preempted(step)
+                if eval_every and step % eval_every == 0 and step != total:
+                    run_eval(step)
+                    tick = time.time()
     finally:
-        manager.wait_until_finished()  # an interrupted run still completes the checkpoint being written
+        try:
+            manager.wait_until_finished()  # an interrupted run still completes the checkpoint being written
+        except OSError as e:
+            raise RunError(f"cannot write a checkpoint to {ckpt_dir}: {e.strerror or e}; free space or fix the "
+                           "permissions, then re-run (the earlier checkpoints are intact)") from e
         writer.flush()
 
     final = run_eval(total)
@@ -577,8 +735,13 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # the progress lines are printed; library INFO logs are noise
-    if flags.FLAGS.distributed:
-        jax.distributed.initialize()
+    f = flags.FLAGS
+    explicit = {k: v for k, v in (("coordinator_address", f.coordinator_address), ("num_processes", f.num_processes),
+                                  ("process_id", f.process_id)) if v is not None}
+    if f.distributed or explicit:
+        jax.distributed.initialize(**explicit)
+        _say(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
+             f"{jax.local_device_count()} local / {jax.device_count()} global devices")
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
                            resume_changed=flags.FLAGS.resume_changed_config)
@@ -586,6 +749,9 @@ def main(argv: list[str]) -> None:
         if flags.FLAGS.debug:
             raise
         _fail(str(e))
+    except Preempted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -327,13 +327,18 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g / k, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
+        new = state.replace(params=params, batch_stats=stats, opt_state=opt_state)
         if state.ema_params is not None:
             new = new.replace(ema_params=_ema(state.ema_params, params, cfg.ema_decay),
                               ema_batch_stats=_ema(state.ema_batch_stats, stats, cfg.ema_decay))
         metrics = {f"loss_{name}" if name != "total" else "loss": v.mean() for name, v in parts.items()}
-        metrics.update(lr=schedule(state.step), grad_norm=optax.global_norm(grads))
-        return new, metrics
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss or gradient never reaches the state: the update is dropped (the loop
+        # then stops or counts it, as config.nan_policy says).
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics.update(lr=schedule(state.step), grad_norm=grad_norm, nonfinite=1 - finite.astype(jnp.int32))
+        return new.replace(step=state.step + 1), metrics
 
     return train_step
 
