@@ -352,6 +352,7 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: Path, *, resume_ch
         _write_json(path, now)
     except OSError as e:
         raise RunError(f"cannot write to the workdir {workdir}: {e.strerror or e}; choose a writable --workdir") from e
+    _sync("workdir claimed")
 
 
 def schedule_length(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
