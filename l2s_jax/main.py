@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 from l2s_jax import config_lib, layers, losses, metric_io, train
 from l2s_jax.data import pipeline
-from l2s_jax.models import create, load_pretrained, registry, save_pretrained
+from l2s_jax.models import create, load_pretrained, pretrained, registry, save_pretrained
 
 config_flags.DEFINE_config_file("config", None, "Training configuration file (configs/*.py[:args]).",
                                 lock_config=True)
@@ -90,7 +90,7 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int, num_devic
 
 def load_teacher(config: ml_collections.ConfigDict, ckpt_dir: Path, num_classes: int) -> nnx.Module:
     """The frozen teacher in eval mode: fused (SLaK), in its compute dtype."""
-    if not (ckpt_dir / registry.SPEC_FILE).exists():
+    if not (ckpt_dir / pretrained.SPEC_FILE).exists():
         raise FileNotFoundError(
             f"teacher checkpoint {str(ckpt_dir)!r} not found (config.teacher.checkpoint). Convert the official "
             f"{config.teacher.name} weights first:\n  python tools/convert_weights.py --arch {config.teacher.arch} "
@@ -345,10 +345,10 @@ def prepare_teacher(config: ml_collections.ConfigDict, workdir: Path, num_classe
     teacher_dir = workdir / "teacher"
     export = teacher_dir / EXPORT_DIR
     result = _finished(teacher_dir)
-    if result is None or not (export / registry.SPEC_FILE).exists():
+    if result is None or not (export / pretrained.SPEC_FILE).exists():
         _say(f"== training the teacher from scratch in {teacher_dir}")
         result, model = train_run(_sub_config(config, config.teacher.train.to_dict()), teacher_dir, None)
-        if not (export / registry.SPEC_FILE).exists():
+        if not (export / pretrained.SPEC_FILE).exists():
             _export_model(model, _sub_config(config, config.teacher.train.to_dict()), num_classes, export)
     return export, result
 

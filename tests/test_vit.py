@@ -18,7 +18,7 @@ from l2s_jax.convert import convert_state_dict, detect_families
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.io.torch_state import check_state_dict, torch_slots
 from l2s_jax.models import attention, build_abstract, create, get_family
-from l2s_jax.models.registry import materialize_auxiliary
+from l2s_jax.models.pretrained import materialize_auxiliary
 
 MINI_HEADS = {"num_heads": 3}  # vit_mini: embed 96 with 3 heads (not the 64-channel-head default)
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from l2s_jax import layers
-from l2s_jax.models.registry import Family, StateDict, register_family, register_model
+from l2s_jax.models.registry import Family, StateDict
 
 
 class Block(nnx.Module):
@@ -128,19 +128,41 @@ _TIMM_RENAMES: list[tuple[str, str]] = [
 ]
 
 
+# The inverse renames (official -> timm), to name keys as a timm file does in error messages.
+_OFFICIAL_TO_TIMM: list[tuple[str, str]] = [
+    (r"^downsample_layers\.0\.(\d)\.", r"stem.\1."),
+    (r"^downsample_layers\.([123])\.(\d)\.", r"stages.\1.downsample.\2."),
+    (r"^stages\.(\d)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+    (r"^stages\.(\d)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
+    (r"^stages\.(\d)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"^stages\.(\d)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"^norm\.", "head.norm."),
+    (r"^head\.", "head.fc."),
+]
+
+
+def _is_timm(sd: StateDict) -> bool:
+    return any(k.startswith("stem.") or ".blocks." in k for k in sd)
+
+
+def _rename(key: str, renames: list[tuple[str, str]]) -> str:
+    for pattern, repl in renames:
+        new = re.sub(pattern, repl, key)
+        if new != key:
+            return new
+    return key
+
+
 def remap_timm_keys(sd: StateDict) -> StateDict:
     """timm ConvNeXt names -> official ConvNeXt names (identity on official checkpoints)."""
-    if not any(k.startswith("stem.") or ".blocks." in k for k in sd):
+    if not _is_timm(sd):
         return sd
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl in _TIMM_RENAMES:
-            new = re.sub(pattern, repl, key)
-            if new != key:
-                key = new
-                break
-        out[key] = value
-    return out
+    return {_rename(key, _TIMM_RENAMES): value for key, value in sd.items()}
+
+
+def source_key(sd: StateDict, key: str) -> str:
+    """An official-naming key as the file ``sd`` names it (timm naming if the file uses it)."""
+    return _rename(key, _OFFICIAL_TO_TIMM) if _is_timm(sd) else key
 
 
 def stage_depths(sd: StateDict) -> list[int]:
@@ -184,17 +206,19 @@ def build(**config: Any) -> ConvNeXt:
     return ConvNeXt(**config)
 
 
-register_family(Family(
+FAMILY = Family(
     name="convnext",
     build=build,
     infer_config=macro_config,
     looks_like=_looks_like_convnext,
     remap_keys=remap_timm_keys,
+    source_key=source_key,
     redirect=_redirect,
     default_keys=("model", "state_dict", "model_ema", "state_dict_ema"),
-))
-
-register_model("convnext_tiny", "convnext", depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.1)
-register_model("convnext_small", "convnext", depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), drop_path_rate=0.4)
-register_model("convnext_base", "convnext", depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), drop_path_rate=0.5)
+    models={
+        "convnext_tiny": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.1),
+        "convnext_small": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), drop_path_rate=0.4),
+        "convnext_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), drop_path_rate=0.5),
+    },
+)
 
