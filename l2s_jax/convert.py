@@ -51,14 +51,24 @@ def detect_families(state_dict: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def constructor_args(fam: Family) -> set[str]:
-    """The keyword arguments the family's constructor accepts (for checking overrides)."""
-    params = inspect.signature(fam.build).parameters
-    names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):  # a builder forwarding to its class
+    """The keyword arguments the family's builder accepts (for checking overrides), following
+    ``**kwargs`` into the class a builder returns and into base classes."""
+    def named(fn: Any) -> tuple[set[str], bool]:
+        params = inspect.signature(fn).parameters
+        return ({n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)},
+                any(p.kind == p.VAR_KEYWORD for p in params.values()))
+
+    cls = fam.build if inspect.isclass(fam.build) else None
+    names, forwards = (set(), True) if cls else named(fam.build)
+    if forwards and cls is None:  # a builder passing **kwargs on to the class it returns
         cls = typing.get_type_hints(fam.build).get("return")
-        if inspect.isclass(cls):
-            names |= set(inspect.signature(cls).parameters)
-    return names - {"rngs"}
+    for base in (cls.__mro__ if inspect.isclass(cls) else ()):
+        if not forwards:
+            break
+        if "__init__" in vars(base):
+            more, forwards = named(vars(base)["__init__"])
+            names |= more
+    return names - {"self", "rngs"}
 
 
 def resolve_config(arch: str, inferred: Mapping[str, Any],
