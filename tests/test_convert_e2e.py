@@ -85,11 +85,17 @@ def test_convert_cli_then_load_pretrained_matches_golden(case: str, golden_dir: 
         assert_close_to_reference(f, e, f"{case} features[{i}]")
 
 
-def test_converted_resnet_trains(golden_dir: Path, tmp_path: Path) -> None:
-    """load_pretrained -> train mode, eagerly: BatchNorm statistics update in place; and a step."""
-    out = tmp_path / "resnet"
+@pytest.fixture(scope="module")
+def converted_resnet(golden_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("converted") / "resnet"
     r = convert("--arch", "resnet", "--src", str(golden_dir / "timm_resnet/resnet_mini.pth"), "--out", str(out))
     assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_converted_resnet_trains(converted_resnet: Path) -> None:
+    """load_pretrained -> train mode, eagerly: BatchNorm statistics update in place; and a step."""
+    out = converted_resnet
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
 
     evaluating, training = load_pretrained(out), load_pretrained(out, eval_mode=False)
@@ -112,3 +118,15 @@ def test_converted_resnet_trains(golden_dir: Path, tmp_path: Path) -> None:
 
     first, second = step(model, optimizer), step(model, optimizer)
     assert np.isfinite(float(first)) and float(second) != float(first)
+
+
+def test_erf_tool_on_a_converted_checkpoint(converted_resnet: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
+        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "erf.py"), "--checkpoint", f"resnet={converted_resnet}",
+                        "--data", "random", "--num-images", "1", "--size", "32", "--out", str(tmp_path / "erf")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "resnet: 1 images" in r.stdout
+    erf_map = np.load(tmp_path / "erf" / "resnet.npy")
+    assert erf_map.shape[:2] == (32, 32) and np.isfinite(erf_map).all() and erf_map.max() > 0
