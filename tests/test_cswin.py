@@ -161,7 +161,7 @@ def test_full_size_layout_matches_official_manifest(golden_dir: Path) -> None:
     assert config == {
         "img_size": 224, "in_chans": 3, "num_classes": 1000, "embed_dim": 64, "depth": [1, 2, 21, 1],
         "split_size": [1, 2, 7, 7], "num_heads": [2, 4, 8, 16], "mlp_ratio": 4.0, "qkv_bias": True}
-    assert provenance["num_heads"] == "published default (CSWin-T/S, embed_dim 64)"
+    assert provenance["num_heads"] == "published default (CSWin-T, embed_dim 64)"
     assert {k for k, v in provenance.items() if v.startswith("published default")} == {
         "img_size", "split_size", "num_heads"}
     assert detect_families(sd) == ["cswin"]

@@ -116,40 +116,41 @@ class ConvNeXt(nnx.Module):
 
 # --- converter hooks -------------------------------------------------------------------------
 
-_TIMM_RENAMES: list[tuple[str, str]] = [
-    (r"^stem\.(\d)\.", r"downsample_layers.0.\1."),
-    (r"^stages\.([123])\.downsample\.(\d)\.", r"downsample_layers.\1.\2."),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.\2.pwconv1."),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.", r"stages.\1.\2."),
-    (r"^head\.norm\.", "norm."),
-    (r"^head\.fc\.", "head."),
+# timm name prefix -> official name prefix, most specific first; {i}, {j}, {k} stand for integers.
+# Read left to right it converts timm files; right to left it names keys as a timm file does.
+_TIMM_NAMES: list[tuple[str, str]] = [
+    ("stem.{k}.", "downsample_layers.0.{k}."),
+    ("stages.{i}.downsample.{k}.", "downsample_layers.{i}.{k}."),
+    ("stages.{i}.blocks.{j}.conv_dw.", "stages.{i}.{j}.dwconv."),
+    ("stages.{i}.blocks.{j}.mlp.fc1.", "stages.{i}.{j}.pwconv1."),
+    ("stages.{i}.blocks.{j}.mlp.fc2.", "stages.{i}.{j}.pwconv2."),
+    ("stages.{i}.blocks.{j}.", "stages.{i}.{j}."),
+    ("head.norm.", "norm."),
+    ("head.fc.", "head."),
 ]
 
 
-# The inverse renames (official -> timm), to name keys as a timm file does in error messages.
-_OFFICIAL_TO_TIMM: list[tuple[str, str]] = [
-    (r"^downsample_layers\.0\.(\d)\.", r"stem.\1."),
-    (r"^downsample_layers\.([123])\.(\d)\.", r"stages.\1.downsample.\2."),
-    (r"^stages\.(\d)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-    (r"^stages\.(\d)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
-    (r"^stages\.(\d)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
-    (r"^stages\.(\d)\.(\d+)\.", r"stages.\1.blocks.\2."),
-    (r"^norm\.", "head.norm."),
-    (r"^head\.", "head.fc."),
-]
+def _prefix_rules(pairs: list[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:
+    """(source template, target template) -> (anchored regex, replacement) pairs."""
+    def pattern(template: str) -> re.Pattern:
+        parts = re.split(r"\{(\w)\}", template)  # literal, placeholder, literal, ...
+        return re.compile("^" + "".join(f"(?P<{p}>\\d+)" if n % 2 else re.escape(p) for n, p in enumerate(parts)))
+
+    return [(pattern(src), re.sub(r"\{(\w)\}", r"\\g<\1>", dst)) for src, dst in pairs]
+
+
+_FROM_TIMM = _prefix_rules(_TIMM_NAMES)
+_TO_TIMM = _prefix_rules([(official, timm) for timm, official in _TIMM_NAMES])
 
 
 def _is_timm(sd: StateDict) -> bool:
     return any(k.startswith("stem.") or ".blocks." in k for k in sd)
 
 
-def _rename(key: str, renames: list[tuple[str, str]]) -> str:
-    for pattern, repl in renames:
-        new = re.sub(pattern, repl, key)
-        if new != key:
-            return new
+def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, repl in rules:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
     return key
 
 
@@ -157,12 +158,12 @@ def remap_timm_keys(sd: StateDict) -> StateDict:
     """timm ConvNeXt names -> official ConvNeXt names (identity on official checkpoints)."""
     if not _is_timm(sd):
         return sd
-    return {_rename(key, _TIMM_RENAMES): value for key, value in sd.items()}
+    return {_rename(key, _FROM_TIMM): value for key, value in sd.items()}
 
 
 def source_key(sd: StateDict, key: str) -> str:
     """An official-naming key as the file ``sd`` names it (timm naming if the file uses it)."""
-    return _rename(key, _OFFICIAL_TO_TIMM) if _is_timm(sd) else key
+    return _rename(key, _TO_TIMM) if _is_timm(sd) else key
 
 
 def stage_depths(sd: StateDict) -> list[int]:

@@ -37,7 +37,8 @@ NUM_STAGES = 4
 # Published head counts per embed width (CSWin-T/S: 64, B: 96, L: 144).
 # Published CSWin widths (T/S share 64 channels) and their heads per stage.
 PUBLISHED_HEADS = {64: (2, 4, 8, 16), 96: (4, 8, 16, 32), 144: (6, 12, 24, 24)}
-PUBLISHED_NAMES = {64: "CSWin-T/S", 96: "CSWin-B", 144: "CSWin-L"}
+PUBLISHED_NAMES = {(64, (1, 2, 21, 1)): "CSWin-T", (64, (2, 4, 32, 2)): "CSWin-S", (96, (2, 4, 32, 2)): "CSWin-B",
+                   (144, (2, 4, 32, 2)): "CSWin-L"}
 
 
 class LePEAttention(nnx.Module):
@@ -267,10 +268,14 @@ class CSWinTransformer(nnx.Module):
 
 # --- converter hooks -------------------------------------------------------------------------
 
-def default_num_heads(embed_dim: int) -> Default:
-    """The published heads for a CSWin width; ``Default(None, ...)`` for other widths (must be given)."""
+def default_num_heads(embed_dim: int, depth: Sequence[int]) -> Default:
+    """The published heads for a CSWin width (named by width and depths); ``Default(None, ...)``
+    for other widths (must be given)."""
     if embed_dim in PUBLISHED_HEADS:
-        return Default(list(PUBLISHED_HEADS[embed_dim]), f"{PUBLISHED_NAMES[embed_dim]}, embed_dim {embed_dim}")
+        name = PUBLISHED_NAMES.get((embed_dim, tuple(depth)))
+        why = (f"{name}, embed_dim {embed_dim}" if name else
+               f"the published heads of embed_dim {embed_dim}; depth {list(depth)} is not a published one")
+        return Default(list(PUBLISHED_HEADS[embed_dim]), why)
     return Default(None, f"embed_dim {embed_dim} is not a published CSWin width ({', '.join(map(str, PUBLISHED_HEADS))})")
 
 
@@ -295,7 +300,7 @@ def infer_config(sd: StateDict) -> dict[str, Any]:
         "embed_dim": embed_dim,
         "depth": depth,
         "split_size": Default([1, 2, 7, 7], "the published 224-pixel CSWin models"),
-        "num_heads": default_num_heads(embed_dim),
+        "num_heads": default_num_heads(embed_dim, depth),
         "mlp_ratio": int(sd["stage1.0.mlp.fc1.weight"].shape[0]) / embed_dim,
         "qkv_bias": "stage1.0.qkv.bias" in sd,
     }
