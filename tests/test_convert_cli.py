@@ -5,22 +5,17 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import REPO_ROOT
-
-TOOL = REPO_ROOT / "tools" / "convert_weights.py"
+from conftest import run_tool
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
-        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=600)
+    return run_tool("convert_weights.py", *args)
 
 
 def one_line_error(r: subprocess.CompletedProcess) -> str:
@@ -157,7 +152,8 @@ def test_missing_keys_are_named_as_in_the_file(golden_dir, tmp_path):
 def test_source_key_inverts_the_renaming(golden_dir):
     from l2s_jax.models import get_family
 
-    for arch, rel in (("convnext", "timm_convnext/convnext_mini.safetensors"), ("swin", "timm_swin/swin_mini.safetensors")):
+    for arch, rel in (("convnext", "timm_convnext/convnext_mini.safetensors"),
+                      ("swin", "timm_swin/swin_mini.safetensors")):
         fam, sd = get_family(arch), load_file(golden_dir / rel)
         renamed = fam.remap_keys(sd)
         assert [fam.source_key(sd, k) for k in renamed] == list(sd)

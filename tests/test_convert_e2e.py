@@ -4,9 +4,7 @@ golden PyTorch ones; and a converted BatchNorm model trains (eagerly) like a fre
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -16,16 +14,12 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import REPO_ROOT, assert_close_to_reference
+from conftest import assert_close_to_reference, run_tool
 from l2s_jax.models import load_pretrained
-
-TOOL = REPO_ROOT / "tools" / "convert_weights.py"
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
-        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=600)
+    return run_tool("convert_weights.py", *args)
 
 
 def nhwc(a: np.ndarray) -> np.ndarray:
@@ -121,11 +115,8 @@ def test_converted_resnet_trains(converted_resnet: Path) -> None:
 
 
 def test_erf_tool_on_a_converted_checkpoint(converted_resnet: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(
-        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    r = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "erf.py"), "--checkpoint", f"resnet={converted_resnet}",
-                        "--data", "random", "--num-images", "1", "--size", "32", "--out", str(tmp_path / "erf")],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = run_tool("erf.py", "--checkpoint", f"resnet={converted_resnet}", "--data", "random", "--num-images", "1",
+                 "--size", "32", "--out", str(tmp_path / "erf"))
     assert r.returncode == 0, r.stderr
     assert "resnet: 1 images" in r.stdout
     erf_map = np.load(tmp_path / "erf" / "resnet.npy")

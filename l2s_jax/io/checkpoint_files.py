@@ -134,7 +134,8 @@ def read_checkpoint(path: str | Path) -> Any:
         if kind == "torch-zip":
             return _read_torch_zip(path)
     except zipfile.BadZipFile as e:
-        raise CheckpointFormatError(f"{path} is a damaged or truncated zip archive ({e}); copy or download it again") from e
+        raise CheckpointFormatError(
+            f"{path} is a damaged or truncated zip archive ({e}); copy or download it again") from e
     if kind == "pickle":
         return _read_pickle_stream(path)
     if kind == "safetensors":

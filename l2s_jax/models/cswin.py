@@ -276,7 +276,8 @@ def default_num_heads(embed_dim: int, depth: Sequence[int]) -> Default:
         why = (f"{name}, embed_dim {embed_dim}" if name else
                f"the published heads of embed_dim {embed_dim}; depth {list(depth)} is not a published one")
         return Default(list(PUBLISHED_HEADS[embed_dim]), why)
-    return Default(None, f"embed_dim {embed_dim} is not a published CSWin width ({', '.join(map(str, PUBLISHED_HEADS))})")
+    widths = ", ".join(map(str, PUBLISHED_HEADS))
+    return Default(None, f"embed_dim {embed_dim} is not a published CSWin width ({widths})")
 
 
 def infer_config(sd: StateDict) -> dict[str, Any]:
