@@ -92,7 +92,7 @@ def resolve_config(arch: str, inferred: Mapping[str, Any],
         if isinstance(value, Default) and value.value is None and name not in overrides:
             raise UnknownHyperparameterError(
                 f"{name} cannot be read from a {arch} checkpoint and {value.why}: pass it, e.g. "
-                f"--override {name}=N (overrides={{'{name}': N}} from Python)")
+                f"--override {name}={value.example} (overrides={{'{name}': {value.example}}} from Python)")
     return config, provenance
 
 

@@ -86,7 +86,7 @@ def test_branch_layout(golden: dict) -> None:
     assert golden["config"] == {"img_size": 224, "in_chans": 3, "num_classes": 10, "embed_dim": 12,
                                 "depth": [1, 1, 2, 1], "split_size": [1, 2, 7, 7], "num_heads": [2, 2, 4, 6],
                                 "mlp_ratio": 4.0, "qkv_bias": True}
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match=r"--override num_heads=\[2,4,8,16\]"):
         convert_state_dict("cswin", golden["sd"])  # width 12 has no published head count
 
 

@@ -277,7 +277,7 @@ def default_num_heads(embed_dim: int, depth: Sequence[int]) -> Default:
                f"the published heads of embed_dim {embed_dim}; depth {list(depth)} is not a published one")
         return Default(list(PUBLISHED_HEADS[embed_dim]), why)
     widths = ", ".join(map(str, PUBLISHED_HEADS))
-    return Default(None, f"embed_dim {embed_dim} is not a published CSWin width ({widths})")
+    return Default(None, f"embed_dim {embed_dim} is not a published CSWin width ({widths})", example="[2,4,8,16]")
 
 
 def infer_config(sd: StateDict) -> dict[str, Any]:

@@ -25,11 +25,12 @@ class Default:
     """A hyperparameter the weights cannot determine, as ``infer_config`` reports it.
 
     ``value`` is the published default that ``why`` names (e.g. "ViT-S width 384"), or None when
-    no published configuration matches: then the user must pass it (``--override``).
+    no published configuration matches: then the user must pass it (``--override NAME=EXAMPLE``).
     """
 
     value: Any
     why: str
+    example: str = "N"
 
 
 @dataclasses.dataclass(frozen=True)
