@@ -40,7 +40,7 @@ from ml_collections import config_flags
 
 from l2s_jax import config_lib, layers, losses, metric_io, train
 from l2s_jax.data import pipeline
-from l2s_jax.models import create, load_pretrained, registry, save_pretrained
+from l2s_jax.models import create, load_pretrained, pretrained, registry, save_pretrained
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
@@ -131,7 +131,7 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int, num_devic
 
 def load_teacher(config: ml_collections.ConfigDict, ckpt_dir: Path, num_classes: int) -> nnx.Module:
     """The frozen teacher in eval mode: fused (SLaK), in its compute dtype."""
-    if not (ckpt_dir / registry.SPEC_FILE).exists():
+    if not (ckpt_dir / pretrained.SPEC_FILE).exists():
         raise RunError(
             f"teacher checkpoint {str(ckpt_dir)!r} not found (config.teacher.checkpoint). Convert the official "
             f"{config.teacher.name} weights first:\n  python tools/convert_weights.py --arch {config.teacher.arch} "
@@ -588,17 +588,17 @@ def prepare_teacher(config: ml_collections.ConfigDict, workdir: Path, num_classe
     export = teacher_dir / EXPORT_DIR
     sub = _sub_config(config, config.teacher.train.to_dict())
     result = _finished(teacher_dir)
-    if result is None or not (export / registry.SPEC_FILE).exists():
+    if result is None or not (export / pretrained.SPEC_FILE).exists():
         _say(f"== training the teacher from scratch in {teacher_dir}")
         result, model = train_run(sub, teacher_dir, None, resume_changed=resume_changed)
-        if not (export / registry.SPEC_FILE).exists():
+        if not (export / pretrained.SPEC_FILE).exists():
             _export_model(model, sub, num_classes, export)
     return export, result
 
 
 def teacher_label(config: ml_collections.ConfigDict, ckpt: Path) -> str:
     """``config.teacher.name``, unless the checkpoint holds another architecture than ``teacher.model``."""
-    spec = registry.read_spec(ckpt)
+    spec = pretrained.read_spec(ckpt)
     expected = registry.MODELS.get(config.teacher.model, (config.teacher.model, {}))[0]
     if (config.teacher.train and not config.teacher.checkpoint) or spec["family"] == expected:
         return config.teacher.name

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from conftest import assert_close_to_reference
-from l2s_jax.convert import convert_checkpoint, convert_state_dict, detect_families
+from l2s_jax.convert import convert_checkpoint, convert_state_dict, detect_families, resolve_config
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.io.torch_state import load_state_dict
 from l2s_jax.models import attention, create, cswin, get_family, load_pretrained, read_spec
@@ -86,7 +86,7 @@ def test_branch_layout(golden: dict) -> None:
     assert golden["config"] == {"img_size": 224, "in_chans": 3, "num_classes": 10, "embed_dim": 12,
                                 "depth": [1, 1, 2, 1], "split_size": [1, 2, 7, 7], "num_heads": [2, 2, 4, 6],
                                 "mlp_ratio": 4.0, "qkv_bias": True}
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match=r"--override num_heads=\[2,4,8,16\]"):
         convert_state_dict("cswin", golden["sd"])  # width 12 has no published head count
 
 
@@ -157,9 +157,13 @@ def test_full_size_layout_matches_official_manifest(golden_dir: Path) -> None:
     assert assert_matches_manifest(model, manifest, sd) == 22_320_552
     assert abstract_outputs(model) == ([(2, 56, 56, 64), (2, 28, 28, 128), (2, 14, 14, 256), (2, 7, 7, 512)],
                                        (2, 1000))
-    assert get_family("cswin").infer_config(sd) == {
+    config, provenance = resolve_config("cswin", get_family("cswin").infer_config(sd), {})
+    assert config == {
         "img_size": 224, "in_chans": 3, "num_classes": 1000, "embed_dim": 64, "depth": [1, 2, 21, 1],
         "split_size": [1, 2, 7, 7], "num_heads": [2, 4, 8, 16], "mlp_ratio": 4.0, "qkv_bias": True}
+    assert provenance["num_heads"] == "published default (CSWin-T, embed_dim 64)"
+    assert {k for k, v in provenance.items() if v.startswith("published default")} == {
+        "img_size", "split_size", "num_heads"}
     assert detect_families(sd) == ["cswin"]
 
 

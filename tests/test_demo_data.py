@@ -131,3 +131,22 @@ def test_invalid_parameters_are_rejected():
         demo.render(np.random.default_rng(0), 32, 4)
     with pytest.raises(ValueError, match="num_train"):
         demo.demo_config(num_train=0)
+
+
+def test_a_run_makes_one_builder_and_logs_its_config_once(tmp_path, caplog):
+    """Sizes and splits are opened several times per run; TFDS logs "Using custom data
+    configuration" for each builder made from a config object: that must happen once."""
+    import logging
+
+    import ml_collections
+
+    from l2s_jax.data import pipeline
+
+    cfg = ml_collections.ConfigDict({"name": "demo", "data_dir": str(tmp_path), "train_split": "train",
+                                     "eval_split": "test", "image_size": SIZE, "eval_crop_pct": 0.875,
+                                     "num_workers": 0, "prefetch": 2, "demo_num_train": 8, "demo_num_test": 4})
+    with caplog.at_level(logging.INFO):
+        pipeline.dataset_info(cfg)
+        next(pipeline.create_eval_iterator(cfg, global_batch_size=4))
+    assert sum("Using custom data configuration" in r.getMessage() for r in caplog.records) == 1
+    assert demo.demo_builder(tmp_path, num_train=8, num_test=4) is demo.demo_builder(tmp_path, num_train=8, num_test=4)

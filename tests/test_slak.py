@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_close_to_reference
 from flax import nnx
 
-from l2s_jax.convert import ArchitectureMismatchError, convert_checkpoint, convert_state_dict
+from l2s_jax.convert import ArchitectureMismatchError, convert_checkpoint, convert_state_dict, resolve_config
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.io.torch_state import CheckpointMismatchError, check_state_dict, torch_slots
 from l2s_jax.models import build_abstract, get_family, jit_apply, load_pretrained
@@ -192,7 +192,8 @@ def test_full_size_manifest_coverage(golden_dir, manifest):
     sd = {e["key"]: np.broadcast_to(np.zeros((), e["dtype"]), e["shape"]) for e in entries}
     fam = get_family("slak")
     assert fam.looks_like(sd)
-    config = fam.infer_config(sd)
+    config, provenance = resolve_config("slak", fam.infer_config(sd), {})
+    assert provenance["kernel_size"].startswith("published default" if "student" in manifest.lower() else "read from")
     model = build_abstract("slak", config)
     check_state_dict(model, sd)  # raises naming any missing / unexpected / mis-shaped key
     reference = build_abstract("slak", {**_registered(name), "sparse": config["sparse"]})

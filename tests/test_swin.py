@@ -13,7 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from conftest import assert_close_to_reference
-from l2s_jax.convert import convert_state_dict, detect_families
+from l2s_jax.convert import convert_state_dict, detect_families, resolve_config
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.io.torch_state import load_state_dict
 from l2s_jax.models import attention, create, get_family, swin
@@ -253,7 +253,9 @@ def test_full_size_layout_matches_timm_manifest(golden_dir: Path) -> None:
     assert abstract_outputs(model) == ([(2, 56, 56, 96), (2, 28, 28, 192), (2, 14, 14, 384), (2, 7, 7, 768)],
                                        (2, 1000))
     fam = get_family("swin")
-    assert fam.infer_config(fam.remap_keys(sd)) == {
+    config, provenance = resolve_config("swin", fam.infer_config(fam.remap_keys(sd)), {})
+    assert provenance["img_size"].startswith("published default") and provenance["num_heads"] == "read from shapes"
+    assert config == {
         "img_size": 224, "patch_size": 4, "in_chans": 3, "num_classes": 1000, "embed_dim": 96,
         "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7, "mlp_ratio": 4.0, "qkv_bias": True}
     original = to_original_layout(sd)

@@ -14,13 +14,13 @@ from safetensors.numpy import load_file
 
 from conftest import assert_close_to_reference
 from l2s_jax import layers
-from l2s_jax.convert import convert_state_dict, detect_families
+from l2s_jax.convert import convert_state_dict, detect_families, resolve_config
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.io.torch_state import check_state_dict, torch_slots
 from l2s_jax.models import attention, build_abstract, create, get_family
-from l2s_jax.models.registry import materialize_auxiliary
+from l2s_jax.models.pretrained import materialize_auxiliary
 
-MINI_HEADS = {"num_heads": 3}  # vit_mini: embed 96 with 3 heads (not the 64-channel-head default)
+MINI_HEADS = {"num_heads": 3}  # vit_mini: embed 96 with 3 heads (not a published width)
 
 
 # --- helpers shared with test_swin.py and test_cswin.py ---------------------------------------
@@ -143,7 +143,7 @@ def test_inferred_config(golden: dict) -> None:
     config = golden["config"]
     assert (config["img_size"], config["patch_size"], config["embed_dim"], config["depth"]) == (224, 16, 96, 2)
     assert (config["num_classes"], config["num_heads"], config["mlp_ratio"]) == (10, 3, 4.0)
-    with pytest.raises(ValueError, match="num_heads"):
+    with pytest.raises(ValueError, match="width 96 is not a published ViT width .* --override num_heads=N"):
         convert_state_dict("vit", golden["sd"])  # 96 channels: heads must be given
 
 
@@ -184,10 +184,11 @@ def test_full_size_layout_matches_timm_manifest(golden_dir: Path) -> None:
     model = nnx.eval_shape(lambda: create("vit_small_patch16_224"))
     assert assert_matches_manifest(model, manifest, sd) == 22_050_664
     assert abstract_outputs(model) == ([(2, 14, 14, 384)], (2, 1000))
-    fam = get_family("vit")
-    config = fam.infer_config(sd)
+    config, provenance = resolve_config("vit", get_family("vit").infer_config(sd), {})
     assert config == {"img_size": 224, "patch_size": 16, "in_chans": 3, "num_classes": 1000, "embed_dim": 384,
                       "depth": 12, "num_heads": 6, "mlp_ratio": 4.0, "qkv_bias": True}
+    assert provenance["num_heads"] == "published default (ViT-S, width 384)"
+    assert {v for k, v in provenance.items() if k != "num_heads"} == {"read from shapes"}
     assert detect_families(sd) == ["vit"]
 
 

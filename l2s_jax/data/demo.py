@@ -40,8 +40,6 @@ import tensorflow_datasets as tfds
 from etils import epath
 from scipy import ndimage
 
-from l2s_jax.data.sources import default_data_dir
-
 DEMO_NAME = "l2s_demo"
 CLASS_NAMES: tuple[str, ...] = ("horizontal", "oblique_30", "oblique_60", "vertical")
 LINE_ANGLES: tuple[float, ...] = (0.0, 30.0, 60.0, 90.0)  # degrees from horizontal, per class
@@ -268,13 +266,24 @@ def demo_builder(
     num_test: int = 1000,
     seed: int = 0,
 ) -> L2SDemo:
-    """The demo builder for these parameters under ``data_dir`` (not necessarily built yet)."""
+    """The demo builder for these parameters under ``data_dir`` (TFDS's default data_dir when None:
+    ``$TFDS_DATA_DIR`` or ~/tensorflow_datasets), not necessarily built yet.
+
+    One builder per (data_dir, parameters) and process: TFDS logs "Using custom data
+    configuration" for every builder made from a config object, and a run opens the demo
+    several times (sizes of both splits, then the splits themselves).
+    """
+    return _demo_builder(os.fspath(data_dir) if data_dir else None, image_size, num_train, num_test, seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _demo_builder(data_dir: str | None, image_size: int, num_train: int, num_test: int, seed: int) -> L2SDemo:
     config = demo_config(image_size, num_train, num_test, seed)
     # TFDS refuses a config object named like a predefined one: pass the predefined one by name.
     predefined = {c.name for c in L2SDemo.BUILDER_CONFIGS}
     return L2SDemo(
         config=config.name if config.name in predefined else config,
-        data_dir=default_data_dir(data_dir),
+        data_dir=data_dir,
         file_format="array_record",
     )
 
@@ -290,5 +299,5 @@ def prepare_demo(
     """The demo builder, built to ArrayRecord under ``data_dir`` on first use (seconds)."""
     builder = demo_builder(data_dir, image_size=image_size, num_train=num_train, num_test=num_test, seed=seed)
     if not builder.is_prepared():
-        builder.download_and_prepare(download_dir=os.path.join(default_data_dir(data_dir), "downloads"))
+        builder.download_and_prepare()  # downloads nothing; TFDS's download_dir is DATA_DIR/downloads
     return builder

@@ -41,7 +41,7 @@ import functools
 import io
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -104,19 +104,41 @@ _TF_NOTE = (
 )
 
 
-def _imagenet_prepare(name: str) -> str:
-    """The command that prepares an ImageNet-derived TFDS dataset from the manual tar files."""
+def _imagenet_prepare(extra: str = "") -> str:
+    """The command that prepares an ImageNet-derived TFDS dataset ({name}) from the manual tar files."""
     return (
-        f"pip install tensorflow{' opencv-python scikit-image scipy wand' if 'corrupted' in name else ''}\n"
-        f"tfds build {name} --data_dir=DATA_DIR --manual_dir=MANUAL_DIR --file_format=array_record\n"
+        f"pip install tensorflow{extra}\n"
+        "tfds build {name} --data_dir=DATA_DIR --manual_dir=MANUAL_DIR --file_format=array_record\n"
         "where MANUAL_DIR holds ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
         "(from https://image-net.org/download-images)"
     )
 
 
-def _download_prepare(name: str) -> str:
-    """The command that prepares a TFDS dataset that TFDS can download itself."""
-    return f"pip install tensorflow\ntfds build {name} --data_dir=DATA_DIR --file_format=array_record"
+# The command that prepares a TFDS dataset ({name}) that TFDS can download itself.
+_DOWNLOAD_PREPARE = "pip install tensorflow\ntfds build {name} --data_dir=DATA_DIR --file_format=array_record"
+
+
+def _imagenet_c_config(config: str) -> None:
+    corruption, _, severity = config.rpartition("_")
+    known = IMAGENET_C_CORRUPTIONS + IMAGENET_C_EXTRA_CORRUPTIONS
+    if corruption not in known or severity not in {"1", "2", "3", "4", "5"}:
+        raise ValueError(
+            f"unknown ImageNet-C config {config!r}: expected <corruption>_<severity 1-5> with corruption in {known}"
+        )
+
+
+# Every supported TFDS dataset (name before any "/config"), and how to check its config.
+TFDS_DATASETS: dict[str, TfdsSpec] = {
+    "imagenet2012": TfdsSpec("validation", 1000, prepare=_imagenet_prepare()),
+    "imagenet2012_corrupted": TfdsSpec("validation", 1000, eval_crop_pct=1.0,
+                                       prepare=_imagenet_prepare(" opencv-python scikit-image scipy wand")),
+    "imagenet_a": TfdsSpec("test", 1000, IMAGENET_A_CLASSES, prepare=_DOWNLOAD_PREPARE),
+    "imagenet_r": TfdsSpec("test", 1000, IMAGENET_R_CLASSES, prepare=_DOWNLOAD_PREPARE),
+    "imagenet_sketch": TfdsSpec("test", 1000, prepare=_DOWNLOAD_PREPARE),
+    "cifar10": TfdsSpec("test", 10, prepare=_DOWNLOAD_PREPARE),
+    "cifar100": TfdsSpec("test", 100, prepare=_DOWNLOAD_PREPARE),
+}
+TFDS_CONFIG_CHECKS: dict[str, Callable[[str], None]] = {"imagenet2012_corrupted": _imagenet_c_config}
 
 
 def tfds_spec(name: str) -> TfdsSpec:
@@ -125,31 +147,17 @@ def tfds_spec(name: str) -> TfdsSpec:
     A TFDS version may be appended (``imagenet2012:5.0.0``); it is passed on to TFDS.
     """
     name = name.split(":", 1)[0]
-    if name == "imagenet2012":
-        return TfdsSpec("validation", 1000, prepare=_imagenet_prepare(name))
-    if name.startswith("imagenet2012_corrupted/"):
-        config = name.split("/", 1)[1]
-        corruption, _, severity = config.rpartition("_")
-        known = IMAGENET_C_CORRUPTIONS + IMAGENET_C_EXTRA_CORRUPTIONS
-        if corruption not in known or severity not in {"1", "2", "3", "4", "5"}:
-            raise ValueError(
-                f"unknown ImageNet-C config {config!r}: expected <corruption>_<severity 1-5> with "
-                f"corruption in {known}"
-            )
-        return TfdsSpec("validation", 1000, eval_crop_pct=1.0, prepare=_imagenet_prepare(name))
-    if name == "imagenet_a":
-        return TfdsSpec("test", 1000, IMAGENET_A_CLASSES, prepare=_download_prepare(name))
-    if name == "imagenet_r":
-        return TfdsSpec("test", 1000, IMAGENET_R_CLASSES, prepare=_download_prepare(name))
-    if name == "imagenet_sketch":
-        return TfdsSpec("test", 1000, prepare=_download_prepare(name))
-    if name in ("cifar10", "cifar100"):
-        return TfdsSpec("test", 10 if name == "cifar10" else 100, prepare=_download_prepare(name))
-    raise ValueError(
-        f"unknown dataset {name!r}: expected 'demo', 'folder', 'imagenet2012', "
-        "'imagenet2012_corrupted/<corruption>_<severity>', 'imagenet_a', 'imagenet_r', "
-        "'imagenet_sketch', 'cifar10' or 'cifar100'"
-    )
+    base, sep, config = name.partition("/")
+    if base not in TFDS_DATASETS or bool(sep) != (base in TFDS_CONFIG_CHECKS):
+        raise ValueError(
+            f"unknown dataset {name!r}: expected {', '.join(repr(n) for n in SOURCES)}, "
+            "'imagenet2012_corrupted/<corruption>_<severity>' or one of "
+            f"{', '.join(repr(n) for n in TFDS_DATASETS if n not in TFDS_CONFIG_CHECKS)}"
+        )
+    if sep:
+        TFDS_CONFIG_CHECKS[base](config)
+    spec = TFDS_DATASETS[base]
+    return dataclasses.replace(spec, prepare=spec.prepare.replace("{name}", name))
 
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> str:
@@ -341,35 +349,42 @@ def _demo_options(data_cfg: Any) -> dict[str, int]:
     }
 
 
-def default_eval_split(name: str) -> str:
-    """The evaluation split of a dataset name."""
-    if name in ("demo", "l2s_demo"):
-        return "test"
-    if name == "folder":
-        return "validation"
-    return tfds_spec(name).default_eval_split
+def _open_demo(data_cfg: Any, split: str) -> OpenedSource:
+    from l2s_jax.data import demo  # imports TFDS: only when the demo is used
+
+    builder = demo.prepare_demo(data_cfg.get("data_dir", None), **_demo_options(data_cfg))
+    if split not in builder.info.splits:
+        raise ValueError(f"the demo dataset has splits 'train' and 'test', not {split!r}")
+    return OpenedSource(RecordSource(builder.as_data_source(split)), len(demo.CLASS_NAMES), demo.CLASS_NAMES)
 
 
-def open_source(data_cfg: Any, split: str) -> OpenedSource:
-    """Open ``split`` of the dataset named by ``data_cfg.name`` (see the module docstring)."""
-    name = data_cfg.name
+def _demo_size(data_cfg: Any, split: str) -> int:
+    return len(_open_demo(data_cfg, split).records) if split in ("train", "test") else 0
+
+
+def _open_folder(data_cfg: Any, split: str) -> OpenedSource:
     data_dir = data_cfg.get("data_dir", None)
-    if name in ("demo", "l2s_demo"):
-        from l2s_jax.data.demo import CLASS_NAMES, prepare_demo
+    if not data_dir:
+        raise ValueError("data.name='folder' needs data.data_dir: a root holding train/ and val/ class folders")
+    train_dir = Path(data_dir) / "train"
+    classes = None
+    if train_dir.is_dir():
+        classes = tuple(sorted(e.name for e in os.scandir(train_dir) if e.is_dir()))
+    source = _scan_folder(str(folder_split_dir(data_dir, split)), classes)
+    return OpenedSource(source, len(source.classes), source.classes)
 
-        builder = prepare_demo(data_dir, **_demo_options(data_cfg))
-        if split not in builder.info.splits:
-            raise ValueError(f"the demo dataset has splits 'train' and 'test', not {split!r}")
-        return OpenedSource(RecordSource(builder.as_data_source(split)), len(CLASS_NAMES), CLASS_NAMES)
-    if name == "folder":
-        if not data_dir:
-            raise ValueError("data.name='folder' needs data.data_dir: a root holding train/ and val/ class folders")
-        train_dir = Path(data_dir) / "train"
-        classes = None
-        if train_dir.is_dir():
-            classes = tuple(sorted(e.name for e in os.scandir(train_dir) if e.is_dir()))
-        source = _scan_folder(str(folder_split_dir(data_dir, split)), classes)
-        return OpenedSource(source, len(source.classes), source.classes)
+
+def _folder_size(data_cfg: Any, split: str) -> int:
+    if split != "train" and data_cfg.get("data_dir", None):
+        try:
+            folder_split_dir(data_cfg.data_dir, split)
+        except FileNotFoundError:
+            return 0
+    return len(_open_folder(data_cfg, split).records)
+
+
+def _open_tfds(data_cfg: Any, split: str) -> OpenedSource:
+    name, data_dir = data_cfg.name, data_cfg.get("data_dir", None)
     spec = tfds_spec(name)
     builder = tfds_builder(name, data_dir)
     label = builder.info.features["label"]
@@ -382,19 +397,44 @@ def open_source(data_cfg: Any, split: str) -> OpenedSource:
     )
 
 
-def split_size(data_cfg: Any, split: str) -> int:
-    """The number of examples of ``split`` (0 when the dataset has no such split)."""
-    name = data_cfg.name
-    if name in ("demo", "l2s_demo"):
-        return len(open_source(data_cfg, split).records) if split in ("train", "test") else 0
-    if name == "folder":
-        if split != "train" and data_cfg.get("data_dir", None):
-            try:
-                folder_split_dir(data_cfg.data_dir, split)
-            except FileNotFoundError:
-                return 0
-        return len(open_source(data_cfg, split).records)
-    builder = tfds_builder(name, data_cfg.get("data_dir", None))
+def _tfds_size(data_cfg: Any, split: str) -> int:
+    builder = tfds_builder(data_cfg.name, data_cfg.get("data_dir", None))
     if split not in builder.info.splits:
         return 0
     return int(builder.info.splits[split].num_examples)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+    """How one kind of dataset is opened, sized, and evaluated by default."""
+
+    open: Callable[[Any, str], OpenedSource]
+    size: Callable[[Any, str], int]  # 0 when the dataset has no such split
+    eval_split: Callable[[str], str]
+
+
+DEMO = SourceKind(_open_demo, _demo_size, lambda name: "test")
+FOLDER = SourceKind(_open_folder, _folder_size, lambda name: "validation")
+TFDS = SourceKind(_open_tfds, _tfds_size, lambda name: tfds_spec(name).default_eval_split)
+# Dataset names with their own source; every other name is a TFDS dataset (TFDS_DATASETS).
+SOURCES: dict[str, SourceKind] = {"demo": DEMO, "l2s_demo": DEMO, "folder": FOLDER}
+
+
+def source_kind(name: str) -> SourceKind:
+    """The :class:`SourceKind` reading dataset ``name``."""
+    return SOURCES.get(name, TFDS)
+
+
+def default_eval_split(name: str) -> str:
+    """The evaluation split of a dataset name."""
+    return source_kind(name).eval_split(name)
+
+
+def open_source(data_cfg: Any, split: str) -> OpenedSource:
+    """Open ``split`` of the dataset named by ``data_cfg.name`` (see the module docstring)."""
+    return source_kind(data_cfg.name).open(data_cfg, split)
+
+
+def split_size(data_cfg: Any, split: str) -> int:
+    """The number of examples of ``split`` (0 when the dataset has no such split)."""
+    return source_kind(data_cfg.name).size(data_cfg, split)

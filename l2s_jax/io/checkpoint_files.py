@@ -126,12 +126,16 @@ def read_checkpoint(path: str | Path) -> Any:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.is_dir():
         raise IsADirectoryError(
-            f"{path} is a directory; read_checkpoint takes one file ({SUPPORTED_FORMATS}). "
-            "Converted l2s_jax checkpoints (spec.json + state/) are loaded through the model registry."
+            f"{path} is a directory; give one checkpoint file ({SUPPORTED_FORMATS}); "
+            "converted l2s_jax checkpoints (spec.json + state/) are loaded with l2s_jax.models.load_pretrained"
         )
-    kind = _sniff(path)
-    if kind == "torch-zip":
-        return _read_torch_zip(path)
+    try:
+        kind = _sniff(path)
+        if kind == "torch-zip":
+            return _read_torch_zip(path)
+    except zipfile.BadZipFile as e:
+        raise CheckpointFormatError(
+            f"{path} is a damaged or truncated zip archive ({e}); copy or download it again") from e
     if kind == "pickle":
         return _read_pickle_stream(path)
     if kind == "safetensors":

@@ -57,11 +57,17 @@ def _describe(keys: list[str], limit: int = 40) -> str:
     return f"\n    {shown}{more}"
 
 
-def check_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], what: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointMismatchError` naming every missing/unexpected/mis-shaped key."""
+def check_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], what: str = "checkpoint",
+                     source_key: Callable[[str], str] | None = None) -> None:
+    """Raise :class:`CheckpointMismatchError` naming every missing/unexpected/mis-shaped key.
+
+    ``source_key`` maps the model's key naming to the file's (when the converter renamed the
+    file's keys), so that the message names keys as the user's file does.
+    """
+    name = source_key or (lambda k: k)
     slots, ignored = torch_slots(model)
-    missing = [k for k in slots if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in slots and k not in ignored]
+    missing = [name(k) for k in slots if k not in state_dict]
+    unexpected = [name(k) for k in state_dict if k not in slots and k not in ignored]
     mismatched = []
     for k, slot in slots.items():
         if k not in state_dict:
@@ -70,11 +76,12 @@ def check_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], wh
         try:
             shape = (slot.transform(arr) if slot.transform else arr).shape
         except Exception as e:  # a transform that cannot even apply (wrong rank)
-            mismatched.append(f"{k}: {what} has shape {tuple(arr.shape)}, which cannot be mapped ({e})")
+            mismatched.append(f"{name(k)}: {what} has shape {tuple(arr.shape)}, which cannot be mapped ({e})")
             continue
         if tuple(shape) != tuple(slot.variable.shape):
             mismatched.append(
-                f"{k}: {what} has shape {tuple(arr.shape)} (-> {tuple(shape)}), model expects {tuple(slot.variable.shape)}"
+                f"{name(k)}: {what} has shape {tuple(arr.shape)} (-> {tuple(shape)}), "
+                f"model expects {tuple(slot.variable.shape)}"
             )
     problems = []
     if missing:
@@ -87,9 +94,10 @@ def check_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], wh
         raise CheckpointMismatchError(f"the {what} does not fit {type(model).__name__}:\n" + "\n".join(problems))
 
 
-def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], what: str = "checkpoint") -> None:
+def load_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray], what: str = "checkpoint",
+                    source_key: Callable[[str], str] | None = None) -> None:
     """Copy a (checked) PyTorch-style state_dict into ``model`` in place (also shape-only models)."""
-    check_state_dict(model, state_dict, what)
+    check_state_dict(model, state_dict, what, source_key)
     slots, _ = torch_slots(model)
     for k, slot in slots.items():
         arr = np.asarray(state_dict[k])

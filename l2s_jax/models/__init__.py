@@ -5,6 +5,8 @@ model converted by ``tools/convert_weights.py`` in eval mode. Every model maps N
 logits with ``model(images)`` and exposes its per-stage NHWC feature maps, in stage order,
 through ``model.features(images)``.
 """
+from l2s_jax.models import convnext, cswin, mobilenetv3, resnet, slak, swin, vit
+from l2s_jax.models.pretrained import load_pretrained, read_spec, save_pretrained
 from l2s_jax.models.registry import (
     FAMILIES,
     MODELS,
@@ -14,11 +16,8 @@ from l2s_jax.models.registry import (
     get_family,
     jit_apply,
     list_models,
-    load_pretrained,
-    read_spec,
     register_family,
     register_model,
-    save_pretrained,
 )
 
 __all__ = [
@@ -26,6 +25,7 @@ __all__ = [
     "load_pretrained", "read_spec", "register_family", "register_model", "save_pretrained",
 ]
 
-from l2s_jax.models import convnext, slak  # noqa: E402,F401  (registers the families)
-from l2s_jax.models import vit, swin, cswin  # noqa: E402,F401
-from l2s_jax.models import resnet, mobilenetv3  # noqa: E402,F401  (registers the families)
+# Every family, in one place: the converter's --arch choices and the named models.
+for _family in (slak.FAMILY, convnext.FAMILY, vit.FAMILY, swin.FAMILY, cswin.FAMILY, resnet.FAMILY,
+                mobilenetv3.FAMILY):
+    register_family(_family)

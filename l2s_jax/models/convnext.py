@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from l2s_jax import layers
-from l2s_jax.models.registry import Family, StateDict, register_family, register_model
+from l2s_jax.models.registry import Family, StateDict
 
 
 class Block(nnx.Module):
@@ -116,31 +116,54 @@ class ConvNeXt(nnx.Module):
 
 # --- converter hooks -------------------------------------------------------------------------
 
-_TIMM_RENAMES: list[tuple[str, str]] = [
-    (r"^stem\.(\d)\.", r"downsample_layers.0.\1."),
-    (r"^stages\.([123])\.downsample\.(\d)\.", r"downsample_layers.\1.\2."),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.conv_dw\.", r"stages.\1.\2.dwconv."),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.mlp\.fc1\.", r"stages.\1.\2.pwconv1."),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.mlp\.fc2\.", r"stages.\1.\2.pwconv2."),
-    (r"^stages\.(\d)\.blocks\.(\d+)\.", r"stages.\1.\2."),
-    (r"^head\.norm\.", "norm."),
-    (r"^head\.fc\.", "head."),
+# timm name prefix -> official name prefix, most specific first; {i}, {j}, {k} stand for integers.
+# Read left to right it converts timm files; right to left it names keys as a timm file does.
+_TIMM_NAMES: list[tuple[str, str]] = [
+    ("stem.{k}.", "downsample_layers.0.{k}."),
+    ("stages.{i}.downsample.{k}.", "downsample_layers.{i}.{k}."),
+    ("stages.{i}.blocks.{j}.conv_dw.", "stages.{i}.{j}.dwconv."),
+    ("stages.{i}.blocks.{j}.mlp.fc1.", "stages.{i}.{j}.pwconv1."),
+    ("stages.{i}.blocks.{j}.mlp.fc2.", "stages.{i}.{j}.pwconv2."),
+    ("stages.{i}.blocks.{j}.", "stages.{i}.{j}."),
+    ("head.norm.", "norm."),
+    ("head.fc.", "head."),
 ]
+
+
+def _prefix_rules(pairs: list[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:
+    """(source template, target template) -> (anchored regex, replacement) pairs."""
+    def pattern(template: str) -> re.Pattern:
+        parts = re.split(r"\{(\w)\}", template)  # literal, placeholder, literal, ...
+        return re.compile("^" + "".join(f"(?P<{p}>\\d+)" if n % 2 else re.escape(p) for n, p in enumerate(parts)))
+
+    return [(pattern(src), re.sub(r"\{(\w)\}", r"\\g<\1>", dst)) for src, dst in pairs]
+
+
+_FROM_TIMM = _prefix_rules(_TIMM_NAMES)
+_TO_TIMM = _prefix_rules([(official, timm) for timm, official in _TIMM_NAMES])
+
+
+def _is_timm(sd: StateDict) -> bool:
+    return any(k.startswith("stem.") or ".blocks." in k for k in sd)
+
+
+def _rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str:
+    for pattern, repl in rules:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return key
 
 
 def remap_timm_keys(sd: StateDict) -> StateDict:
     """timm ConvNeXt names -> official ConvNeXt names (identity on official checkpoints)."""
-    if not any(k.startswith("stem.") or ".blocks." in k for k in sd):
+    if not _is_timm(sd):
         return sd
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl in _TIMM_RENAMES:
-            new = re.sub(pattern, repl, key)
-            if new != key:
-                key = new
-                break
-        out[key] = value
-    return out
+    return {_rename(key, _FROM_TIMM): value for key, value in sd.items()}
+
+
+def source_key(sd: StateDict, key: str) -> str:
+    """An official-naming key as the file ``sd`` names it (timm naming if the file uses it)."""
+    return _rename(key, _TO_TIMM) if _is_timm(sd) else key
 
 
 def stage_depths(sd: StateDict) -> list[int]:
@@ -184,17 +207,19 @@ def build(**config: Any) -> ConvNeXt:
     return ConvNeXt(**config)
 
 
-register_family(Family(
+FAMILY = Family(
     name="convnext",
     build=build,
     infer_config=macro_config,
     looks_like=_looks_like_convnext,
     remap_keys=remap_timm_keys,
+    source_key=source_key,
     redirect=_redirect,
     default_keys=("model", "state_dict", "model_ema", "state_dict_ema"),
-))
-
-register_model("convnext_tiny", "convnext", depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.1)
-register_model("convnext_small", "convnext", depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), drop_path_rate=0.4)
-register_model("convnext_base", "convnext", depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), drop_path_rate=0.5)
+    models={
+        "convnext_tiny": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.1),
+        "convnext_small": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), drop_path_rate=0.4),
+        "convnext_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), drop_path_rate=0.5),
+    },
+)
 

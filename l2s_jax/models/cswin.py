@@ -30,12 +30,15 @@ from flax import nnx
 from l2s_jax import layers
 from l2s_jax.models import attention as attn_lib
 from l2s_jax.models.attention import window_partition, window_reverse
-from l2s_jax.models.registry import Family, StateDict, register_family, register_model
+from l2s_jax.models.registry import Default, Family, StateDict
 from l2s_jax.models.vit import Mlp
 
 NUM_STAGES = 4
 # Published head counts per embed width (CSWin-T/S: 64, B: 96, L: 144).
+# Published CSWin widths (T/S share 64 channels) and their heads per stage.
 PUBLISHED_HEADS = {64: (2, 4, 8, 16), 96: (4, 8, 16, 32), 144: (6, 12, 24, 24)}
+PUBLISHED_NAMES = {(64, (1, 2, 21, 1)): "CSWin-T", (64, (2, 4, 32, 2)): "CSWin-S", (96, (2, 4, 32, 2)): "CSWin-B",
+                   (144, (2, 4, 32, 2)): "CSWin-L"}
 
 
 class LePEAttention(nnx.Module):
@@ -265,13 +268,16 @@ class CSWinTransformer(nnx.Module):
 
 # --- converter hooks -------------------------------------------------------------------------
 
-def default_num_heads(embed_dim: int) -> list[int] | None:
-    """Published heads for CSWin-T/S/B/L widths, else 32-channel heads if they divide; else None."""
+def default_num_heads(embed_dim: int, depth: Sequence[int]) -> Default:
+    """The published heads for a CSWin width (named by width and depths); ``Default(None, ...)``
+    for other widths (must be given)."""
     if embed_dim in PUBLISHED_HEADS:
-        return list(PUBLISHED_HEADS[embed_dim])
-    if embed_dim % 32 == 0:
-        return [embed_dim * 2 ** s // 32 for s in range(NUM_STAGES)]
-    return None
+        name = PUBLISHED_NAMES.get((embed_dim, tuple(depth)))
+        why = (f"{name}, embed_dim {embed_dim}" if name else
+               f"the published heads of embed_dim {embed_dim}; depth {list(depth)} is not a published one")
+        return Default(list(PUBLISHED_HEADS[embed_dim]), why)
+    widths = ", ".join(map(str, PUBLISHED_HEADS))
+    return Default(None, f"embed_dim {embed_dim} is not a published CSWin width ({widths})", example="[2,4,8,16]")
 
 
 def infer_config(sd: StateDict) -> dict[str, Any]:
@@ -289,13 +295,13 @@ def infer_config(sd: StateDict) -> dict[str, Any]:
             depth[s] = max(depth[s], j + 1)
     embed_dim = int(stem.shape[0])
     return {
-        "img_size": 224,
+        "img_size": Default(224, "the published CSWin input size"),
         "in_chans": int(stem.shape[1]),
         "num_classes": int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
         "embed_dim": embed_dim,
         "depth": depth,
-        "split_size": [1, 2, 7, 7],
-        "num_heads": default_num_heads(embed_dim),
+        "split_size": Default([1, 2, 7, 7], "the published 224-pixel CSWin models"),
+        "num_heads": default_num_heads(embed_dim, depth),
         "mlp_ratio": int(sd["stage1.0.mlp.fc1.weight"].shape[0]) / embed_dim,
         "qkv_bias": "stage1.0.qkv.bias" in sd,
     }
@@ -305,25 +311,17 @@ def looks_like(sd: StateDict) -> bool:
     return "stage1_conv_embed.0.weight" in sd and any(".attns.0.get_v." in k for k in sd)
 
 
-def build(**config: Any) -> CSWinTransformer:
-    if config.get("num_heads", ()) is None:
-        raise ValueError(
-            f"num_heads cannot be read from a CSWin checkpoint and embed_dim {config.get('embed_dim')} has no "
-            "published default; pass it explicitly, e.g. overrides={'num_heads': [2, 2, 4, 6]}"
-        )
-    return CSWinTransformer(**config)
-
-
-register_family(Family(
+FAMILY = Family(
     name="cswin",
-    build=build,
+    build=CSWinTransformer,
     infer_config=infer_config,
     looks_like=looks_like,
     # The release files hold the EMA weights under 'state_dict_ema'; SLaK's main_KD.py loads those.
     default_keys=("state_dict_ema", "state_dict", "model"),
-))
-
-register_model("cswin_tiny_224", "cswin", img_size=224, embed_dim=64, depth=(1, 2, 21, 1), split_size=(1, 2, 7, 7),
-               num_heads=(2, 4, 8, 16))
-register_model("cswin_mini", "cswin", img_size=224, embed_dim=12, depth=(1, 1, 2, 1), split_size=(1, 2, 7, 7),
-               num_heads=(2, 2, 4, 6), num_classes=10)
+    models={
+        "cswin_tiny_224": dict(img_size=224, embed_dim=64, depth=(1, 2, 21, 1), split_size=(1, 2, 7, 7),
+                               num_heads=(2, 4, 8, 16)),
+        "cswin_mini": dict(img_size=224, embed_dim=12, depth=(1, 1, 2, 1), split_size=(1, 2, 7, 7),
+                           num_heads=(2, 2, 4, 6), num_classes=10),
+    },
+)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from l2s_jax import layers
-from l2s_jax.models.registry import Family, StateDict, register_family, register_model
+from l2s_jax.models.registry import Family, StateDict
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -378,14 +378,15 @@ def looks_like(sd: StateDict) -> bool:
             and "bn2.weight" not in sd and any(k.startswith("blocks.") for k in sd))
 
 
-register_family(Family(
+FAMILY = Family(
     name="mobilenetv3",
     build=build,
     infer_config=infer_config,
     looks_like=looks_like,
     default_keys=("state_dict", "model", "state_dict_ema", "model_ema"),
-))
-
-register_model("mobilenetv3_large_100", "mobilenetv3", channel_multiplier=1.0)
-# The golden set's small variant: the same definition at channel multiplier 0.25, 10 classes.
-register_model("mobilenetv3_mini", "mobilenetv3", channel_multiplier=0.25, num_classes=10)
+    models={
+        "mobilenetv3_large_100": dict(channel_multiplier=1.0),
+        # The golden set's small variant: the same definition at channel multiplier 0.25, 10 classes.
+        "mobilenetv3_mini": dict(channel_multiplier=0.25, num_classes=10),
+    },
+)

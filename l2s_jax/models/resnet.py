@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from l2s_jax import layers
-from l2s_jax.models.registry import Family, StateDict, register_family, register_model
+from l2s_jax.models.registry import Family, StateDict
 
 BLOCK_TYPES = ("basic", "bottleneck")
 EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -252,18 +252,18 @@ def build(**config: Any) -> ResNet:
     return ResNet(**config)
 
 
-register_family(Family(
+FAMILY = Family(
     name="resnet",
     build=build,
     infer_config=infer_config,
     looks_like=looks_like,
     default_keys=("state_dict", "model", "state_dict_ema", "model_ema"),
-))
-
-register_model("resnet18", "resnet", block="basic", depths=(2, 2, 2, 2))
-register_model("resnet34", "resnet", block="basic", depths=(3, 4, 6, 3))
-register_model("resnet50", "resnet", block="bottleneck", depths=(3, 4, 6, 3))
-register_model("resnet101", "resnet", block="bottleneck", depths=(3, 4, 23, 3))
-# The golden set's small variant of resnet50 (timm ResNet(Bottleneck, [2, 1, 2, 1], channels=(8, 16, 24, 32))).
-register_model("resnet_mini", "resnet", block="bottleneck", depths=(2, 1, 2, 1), channels=(8, 16, 24, 32),
-               num_classes=10)
+    models={
+        "resnet18": dict(block="basic", depths=(2, 2, 2, 2)),
+        "resnet34": dict(block="basic", depths=(3, 4, 6, 3)),
+        "resnet50": dict(block="bottleneck", depths=(3, 4, 6, 3)),
+        "resnet101": dict(block="bottleneck", depths=(3, 4, 23, 3)),
+        # The golden set's small variant of resnet50 (timm ResNet(Bottleneck, [2, 1, 2, 1], channels=(8, 16, 24, 32))).
+        "resnet_mini": dict(block="bottleneck", depths=(2, 1, 2, 1), channels=(8, 16, 24, 32), num_classes=10),
+    },
+)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from l2s_jax import layers
 from l2s_jax.models import convnext
-from l2s_jax.models.registry import Family, StateDict, register_family, register_model
+from l2s_jax.models.registry import Default, Family, StateDict
 
 
 class ConvBN(nnx.Module):
@@ -190,12 +190,16 @@ def infer_config(sd: StateDict) -> dict[str, Any]:
             kernels[i] = int(sd[prefix + "lkb_origin.conv.weight"].shape[2])
         if prefix + "small_conv.conv.weight" in sd:
             small = int(sd[prefix + "small_conv.conv.weight"].shape[2])
+    small_read = small is not None
     if small is None:
         # No small branch anywhere and nothing tells N: any N >= max(K) builds the same network.
         small = 100 if max(kernels) < 100 else max(kernels) + 1
+    kernel_size = [*kernels, small] if small_read else Default(
+        [*kernels, small], f"large kernels {kernels} read from shapes; no small-kernel branch, so the small size "
+        f"{small} is the convention (any size above the largest kernel builds the same network)")
     lk_weights = [v for k, v in sd.items() if _LK.match(k)]
     config.update(
-        kernel_size=[*kernels, small],
+        kernel_size=kernel_size,
         width_factor=1.0,
         decompose=decompose,
         bn=any(re.search(r"large_kernel\.\w+\.bn\.weight$", k) for k in sd),
@@ -218,21 +222,21 @@ def build(**config: Any) -> SLaK:
     return SLaK(**config)
 
 
-register_family(Family(
+_SLAK = dict(kernel_size=(51, 49, 47, 13, 5), width_factor=1.3, decompose=True, bn=True, sparse=True)
+_STUDENT = dict(kernel_size=(7, 7, 7, 7, 100), width_factor=1.0, decompose=False, bn=True)
+
+FAMILY = Family(
     name="slak",
     build=build,
     infer_config=infer_config,
     looks_like=_looks_like_slak,
     after_load=derive_masks,
     default_keys=("model", "state_dict", "model_ema", "state_dict_ema"),
-))
-
-_SLAK = dict(kernel_size=(51, 49, 47, 13, 5), width_factor=1.3, decompose=True, bn=True, sparse=True)
-_STUDENT = dict(kernel_size=(7, 7, 7, 7, 100), width_factor=1.0, decompose=False, bn=True)
-register_model("slak_tiny", "slak", depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.1, **_SLAK)
-register_model("slak_small", "slak", depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), drop_path_rate=0.4, **_SLAK)
-register_model("slak_base", "slak", depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), drop_path_rate=0.5, **_SLAK)
-register_model("convnext_tiny_bn", "slak", depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.1,
-               **_STUDENT)
-register_model("convnext_small_bn", "slak", depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), drop_path_rate=0.4,
-               **_STUDENT)
+    models={
+        "slak_tiny": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.1, **_SLAK),
+        "slak_small": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), drop_path_rate=0.4, **_SLAK),
+        "slak_base": dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), drop_path_rate=0.5, **_SLAK),
+        "convnext_tiny_bn": dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.1, **_STUDENT),
+        "convnext_small_bn": dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), drop_path_rate=0.4, **_STUDENT),
+    },
+)

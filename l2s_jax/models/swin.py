@@ -32,7 +32,7 @@ from flax import nnx
 from l2s_jax import layers
 from l2s_jax.models import attention as attn_lib
 from l2s_jax.models.attention import window_partition, window_reverse
-from l2s_jax.models.registry import Family, StateDict, register_family, register_model
+from l2s_jax.models.registry import Default, Family, StateDict
 from l2s_jax.models.vit import Mlp, split_heads
 
 MASK_VALUE = -100.0  # what the reference adds between tokens of different shifted regions
@@ -320,6 +320,16 @@ def remap_keys(sd: StateDict) -> StateDict:
     return out
 
 
+def source_key(sd: StateDict, key: str) -> str:
+    """A timm-naming key as the file ``sd`` names it (the original naming if the file uses it)."""
+    if not is_original_layout(sd):
+        return key
+    m = re.match(r"^layers\.(\d+)\.downsample\.(.*)$", key)
+    if m:
+        return f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}"
+    return "head." + key[len("head.fc."):] if key.startswith("head.fc.") else key
+
+
 def infer_config(sd: StateDict) -> dict[str, Any]:
     """Swin hyperparameters from (timm-named) tensor shapes; ``img_size`` defaults to 224."""
     proj = sd["patch_embed.proj.weight"]
@@ -337,7 +347,7 @@ def infer_config(sd: StateDict) -> dict[str, Any]:
         raise ValueError(f"relative_position_bias_table has {rows} rows; expected (2*window-1)^2 for a square window")
     embed_dim = int(proj.shape[0])
     return {
-        "img_size": 224,
+        "img_size": Default(224, "the published Swin input size"),
         "patch_size": int(proj.shape[2]),
         "in_chans": int(proj.shape[1]),
         "num_classes": int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0,
@@ -360,16 +370,18 @@ def build(**config: Any) -> SwinTransformer:
     return SwinTransformer(**config)
 
 
-register_family(Family(
+FAMILY = Family(
     name="swin",
     build=build,
     infer_config=infer_config,
     looks_like=looks_like,
     remap_keys=remap_keys,
+    source_key=source_key,
     default_keys=("model", "state_dict", "model_ema", "state_dict_ema"),
-))
-
-register_model("swin_tiny_patch4_window7_224", "swin", img_size=224, patch_size=4, embed_dim=96,
-               depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.1)
-register_model("swin_mini", "swin", img_size=224, patch_size=4, embed_dim=12, depths=(2, 2, 2, 1),
-               num_heads=(1, 2, 3, 6), window_size=7, num_classes=10)
+    models={
+        "swin_tiny_patch4_window7_224": dict(img_size=224, patch_size=4, embed_dim=96, depths=(2, 2, 6, 2),
+                                             num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.1),
+        "swin_mini": dict(img_size=224, patch_size=4, embed_dim=12, depths=(2, 2, 2, 1), num_heads=(1, 2, 3, 6),
+                          window_size=7, num_classes=10),
+    },
+)

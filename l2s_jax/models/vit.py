@@ -22,7 +22,7 @@ from flax import nnx
 
 from l2s_jax import layers
 from l2s_jax.models import attention as attn_lib
-from l2s_jax.models.registry import Family, StateDict, register_family, register_model
+from l2s_jax.models.registry import Default, Family, StateDict
 
 LECUN_NORMAL = nnx.initializers.lecun_normal()
 
@@ -219,13 +219,20 @@ def _depth(sd: StateDict) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def default_num_heads(embed_dim: int) -> int | None:
-    """Published ViTs use 64-channel heads (Ti/S/B/L: 3/6/12/16 heads); None if that cannot apply."""
-    return embed_dim // 64 if embed_dim % 64 == 0 else None
+# Published ViT widths and their head counts (timm vit_{tiny,small,base,large,huge}_*, DeiT-Ti/S/B).
+PUBLISHED_HEADS = {192: ("ViT-Ti", 3), 384: ("ViT-S", 6), 768: ("ViT-B", 12), 1024: ("ViT-L", 16), 1280: ("ViT-H", 16)}
+
+
+def default_num_heads(embed_dim: int) -> Default:
+    """The published head count for a ViT width; ``Default(None, ...)`` for other widths (must be given)."""
+    if embed_dim in PUBLISHED_HEADS:
+        name, heads = PUBLISHED_HEADS[embed_dim]
+        return Default(heads, f"{name}, width {embed_dim}")
+    return Default(None, f"width {embed_dim} is not a published ViT width ({', '.join(map(str, PUBLISHED_HEADS))})")
 
 
 def infer_config(sd: StateDict) -> dict[str, Any]:
-    """ViT hyperparameters from tensor shapes; ``num_heads`` from the 64-channel-head convention."""
+    """ViT hyperparameters from tensor shapes; ``num_heads`` from the published width table."""
     unsupported = [k for k in ("fc_norm.weight", "reg_token", "blocks.0.ls1.gamma", "blocks.0.attn.q_norm.weight")
                    if k in sd]
     if unsupported:
@@ -254,22 +261,14 @@ def looks_like(sd: StateDict) -> bool:
     return "cls_token" in sd and "patch_embed.proj.weight" in sd and "blocks.0.attn.qkv.weight" in sd
 
 
-def build(**config: Any) -> VisionTransformer:
-    if config.get("num_heads", 6) is None:
-        raise ValueError(
-            f"num_heads cannot be read from a ViT checkpoint and embed_dim {config.get('embed_dim')} does not fit "
-            "the 64-channel-head convention; pass it explicitly, e.g. overrides={'num_heads': 3}"
-        )
-    return VisionTransformer(**config)
-
-
-register_family(Family(
+FAMILY = Family(
     name="vit",
-    build=build,
+    build=VisionTransformer,
     infer_config=infer_config,
     looks_like=looks_like,
     default_keys=("model", "state_dict", "model_ema", "state_dict_ema"),
-))
-
-register_model("vit_small_patch16_224", "vit", img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6)
-register_model("vit_mini", "vit", img_size=224, patch_size=16, embed_dim=96, depth=2, num_heads=3, num_classes=10)
+    models={
+        "vit_small_patch16_224": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+        "vit_mini": dict(img_size=224, patch_size=16, embed_dim=96, depth=2, num_heads=3, num_classes=10),
+    },
+)
