@@ -31,9 +31,10 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from l2s_jax import config_lib, layers, losses, metric_io, train
+from l2s_jax import config_lib, losses, metric_io, train
 from l2s_jax.data import pipeline
 from l2s_jax.models import create, load_pretrained, registry, save_pretrained
+from l2s_jax.models.policy import Policy, apply_policy
 
 config_flags.DEFINE_config_file("config", None, "Training configuration file (configs/*.py[:args]).",
                                 lock_config=True)
@@ -70,20 +71,18 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _student_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
     kwargs = dict(config.model.overrides)
     kwargs["num_classes"] = num_classes
-    if config.model.dtype != "float32":
-        kwargs["dtype"] = jnp.dtype(config.model.dtype)
     return kwargs
 
 
 def build_student(config: ml_collections.ConfigDict, num_classes: int, num_devices: int,
                   teacher_channels: list[int] | None) -> train.DistillStudent:
     """The student of ``config.model`` (+ FD projectors to ``teacher_channels``)."""
-    model = create(config.model.name, seed=config.seed, **_student_kwargs(config, num_classes))
-    layers.set_bn_stat_groups(model, config.model.bn_stat_groups or num_devices)
-    layers.set_depthwise_impl(model, config.model.depthwise_impl)
+    policy = Policy(compute_dtype=config.model.dtype, depthwise_impl=config.model.depthwise_impl,
+                    bn_stat_groups=config.model.bn_stat_groups or num_devices)
+    model = create(config.model.name, seed=config.seed, policy=policy, **_student_kwargs(config, num_classes))
     projector = None
     if teacher_channels:
-        student_channels = train.feature_channels(model, config.data.image_size, len(teacher_channels))
+        student_channels = train.feature_channels(model, len(teacher_channels))
         projector = losses.FeatureProjector(student_channels, teacher_channels, rngs=nnx.Rngs(config.seed + 1))
     return train.DistillStudent(model, projector)
 
@@ -97,10 +96,9 @@ def load_teacher(config: ml_collections.ConfigDict, ckpt_dir: Path, num_classes:
             f"--src FILE --out {ckpt_dir}")
     model = load_pretrained(ckpt_dir)
     if config.teacher.fuse and hasattr(model, "fuse"):
-        model.fuse()
-    layers.set_depthwise_impl(model, config.teacher.depthwise_impl)
-    if config.teacher.dtype != "float32":
-        train.set_computejnp.dtype(model, jnp.dtype(config.teacher.dtype))
+        model.fuse()  # from the float32 weights, before the policy casts them
+    apply_policy(model, Policy(compute_dtype=config.teacher.dtype, param_dtype=config.teacher.param_dtype,
+                               depthwise_impl=config.teacher.depthwise_impl))
     graph, state = nnx.split(model)
     size = config.data.image_size
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -212,10 +210,8 @@ def setup_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *
         if teacher is None:
             raise ValueError(f"method {method!r} needs a teacher")
         if method.startswith("fd"):
-            teacher_channels = train.feature_channels(teacher, config.data.image_size, config.distill.fd_stages)
+            teacher_channels = train.feature_channels(teacher, config.distill.fd_stages)
         teacher_graph, teacher_state = nnx.split(teacher)
-        if config.teacher.param_dtype != "float32":
-            teacher_state = train.cast_floating(teacher_state, jnp.dtype(config.teacher.param_dtype))
         teacher_sh = train.tree_shardings(teacher_state, mesh, fsdp=config.sharding.fsdp_teacher,
                                           min_size=config.sharding.fsdp_min_size)
         teacher_state = jax.device_put(teacher_state, teacher_sh)

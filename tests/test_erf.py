@@ -17,6 +17,7 @@ from l2s_jax import erf, layers
 from l2s_jax.convert import convert_state_dict
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.models import create, get_family, save_pretrained
+from l2s_jax.models.policy import Policy, apply_policy
 from l2s_jax.models.slak import LargeKernel
 
 CASES = ["dev_erf_slak", "dev_erf_convnext_bn"]
@@ -38,7 +39,7 @@ def golden_cases(golden_dir):
         meta = json.loads((golden_dir / "erf" / f"{case}.json").read_text())
         sd, _ = read_state_dict(golden_dir / "erf" / meta["checkpoint"], default_keys=get_family("slak").default_keys)
         model, config = convert_state_dict("slak", sd)
-        layers.set_depthwise_impl(model, "direct")
+        apply_policy(model, Policy(depthwise_impl="direct"))
         out[case] = (meta, np.load(golden_dir / "erf" / f"{case}.npz"), model, config)
     return out
 
@@ -276,8 +277,9 @@ def test_non_finite_images_are_skipped():
 def test_zoo_models_through_features():
     """A transformer (tokens reshaped to a map by its features()) and a plain ConvNeXt."""
     images = erf.load_erf_images("random", 1, size=32)
-    for model in (create("vit_mini", img_size=32), create("convnext", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))):
-        layers.set_depthwise_impl(model, "direct")
+    direct = Policy(depthwise_impl="direct")
+    for model in (create("vit_mini", img_size=32), create("convnext", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8),
+                                                           policy=direct)):
         m = erf.contribution_map(model, images)
         assert m.shape == (32, 32) and m.dtype == np.float32 and np.all(np.isfinite(m)) and m.max() > 0
 
