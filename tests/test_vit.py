@@ -57,7 +57,7 @@ def abstract_outputs(model: nnx.Module, batch: int = 2, size: int = 224) -> tupl
     """Shapes of the last 4 feature maps and the logits by tracing only (no compile, no FLOPs)."""
     graphdef, state = nnx.split(model)
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    feats, logits = jax.eval_shape(lambda s, x: (lambda m: m.forward_with_features(x, 4))(nnx.merge(graphdef, s)),
+    logits, feats = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).forward_with_features(x, 4),
                                    state, images)
     return [f.shape for f in feats], logits.shape
 
