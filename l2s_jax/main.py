@@ -87,6 +87,12 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int, num_devic
     return train.DistillStudent(model, projector)
 
 
+def teacher_policy(config: ml_collections.ConfigDict) -> Policy:
+    """How the frozen teacher runs (``config.teacher``: compute and storage dtypes, depthwise kernel)."""
+    return Policy(compute_dtype=config.teacher.dtype, param_dtype=config.teacher.param_dtype,
+                  depthwise_impl=config.teacher.depthwise_impl)
+
+
 def load_teacher(config: ml_collections.ConfigDict, ckpt_dir: Path, num_classes: int) -> nnx.Module:
     """The frozen teacher in eval mode: fused (SLaK), in its compute dtype."""
     if not (ckpt_dir / registry.SPEC_FILE).exists():
@@ -97,8 +103,7 @@ def load_teacher(config: ml_collections.ConfigDict, ckpt_dir: Path, num_classes:
     model = load_pretrained(ckpt_dir)
     if config.teacher.fuse and hasattr(model, "fuse"):
         model.fuse()  # from the float32 weights, before the policy casts them
-    apply_policy(model, Policy(compute_dtype=config.teacher.dtype, param_dtype=config.teacher.param_dtype,
-                               depthwise_impl=config.teacher.depthwise_impl))
+    apply_policy(model, teacher_policy(config))
     graph, state = nnx.split(model)
     size = config.data.image_size
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
