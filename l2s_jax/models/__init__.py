@@ -27,9 +27,12 @@ from l2s_jax.models.registry import (
 
 __all__ = [
     "FAMILIES", "MODELS", "Family", "build_abstract", "create", "get_family", "jit_apply", "list_models",
-    "load_pretrained", "read_spec", "register_family", "register_model", "save_pretrained",
+    "load_pretrained", "read_spec", "register_family", "register_model", "save_pretrained", "Backbone", "Policy",
+    "apply_policy",
 ]
 
 from l2s_jax.models import convnext, slak  # noqa: E402,F401  (registers the families)
 from l2s_jax.models import vit, swin, cswin  # noqa: E402,F401
 from l2s_jax.models import resnet, mobilenetv3  # noqa: E402,F401  (registers the families)
+from l2s_jax.models.base import Backbone  # noqa: E402
+from l2s_jax.models.policy import Policy, apply_policy  # noqa: E402
