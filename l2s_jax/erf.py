@@ -34,6 +34,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
@@ -191,6 +192,29 @@ def as_feature_map(features: jax.Array) -> jax.Array:
     raise ValueError(f"expected an NHWC feature map or (N, T, C) tokens, got shape {features.shape}")
 
 
+class OffCentreWarning(UserWarning):
+    """The probed map's 'centre' position is not its geometric centre (or sits near a border)."""
+
+
+MIN_CENTRE_MARGIN = 3  # positions between the probed centre and the nearest border
+
+
+def centre_note(height: int, width: int, image_size: tuple[int, int]) -> str | None:
+    """Why the probed position ``(h // 2, w // 2)`` of an ``h x w`` map is off-centre, or None."""
+    ci, cj = height // 2, width // 2
+    problems = []
+    if height % 2 == 0 or width % 2 == 0:
+        stride = image_size[0] / height
+        problems.append(f"an even side puts it half a position ({stride / 2:g} px) below/right of the true centre")
+    if min(ci, cj, height - 1 - ci, width - 1 - cj) < MIN_CENTRE_MARGIN:
+        problems.append(f"it lies within {MIN_CENTRE_MARGIN} positions of the border, so zero padding clips the ERF")
+    if not problems:
+        return None
+    return (f"ERF: the probed feature map is {height}x{width} for {image_size[0]}x{image_size[1]} images; its "
+            f"'centre' is position ({ci}, {cj}): {' and '.join(problems)} (choose an image size giving an odd "
+            f"map side >= {2 * MIN_CENTRE_MARGIN + 1} for a centred probe)")
+
+
 def central_responses(feature_map: jax.Array) -> jax.Array:
     """``sum_c ReLU(F[n, h//2, w//2, c])`` per image: shape ``(N,)``, float32."""
     _, h, w, _ = feature_map.shape
@@ -254,6 +278,19 @@ class ContributionProbe:
         self.batch_size = batch_size
         self.feature_index = feature_index
         self._graphdef, self._state = nnx.split(view)
+        self._checked: set[tuple[int, ...]] = set()
+
+    def check_centre(self, shape: tuple[int, ...]) -> None:
+        """Warn once per image shape when the probed map's centre is off-centre (shape inference only)."""
+        if shape in self._checked:
+            return
+        self._checked.add(shape)
+        model = nnx.merge(self._graphdef, self._state)
+        images = jax.ShapeDtypeStruct(shape, jnp.float32)
+        fmap = jax.eval_shape(lambda x: as_feature_map(model.features(x)[self.feature_index]), images)
+        note = centre_note(fmap.shape[1], fmap.shape[2], shape[1:3])
+        if note:
+            warnings.warn(note, OffCentreWarning, stacklevel=3)
 
     def __call__(self, images: np.ndarray | jax.Array) -> BatchContribution:
         """The contribution of up to ``batch_size`` NHWC images."""
@@ -266,6 +303,7 @@ class ContributionProbe:
         if n < self.batch_size:
             images = jnp.pad(images, ((0, self.batch_size - n), (0, 0), (0, 0), (0, 0)))
         valid = jnp.arange(self.batch_size) < n
+        self.check_centre(tuple(images.shape))
         step = _probe_step(self._graphdef, self.feature_index, self._state, images, valid)
         map_sum, used, points = jax.device_get(step)
         return BatchContribution(np.asarray(map_sum), np.asarray(used[:n]), np.asarray(points[:n]))

@@ -87,7 +87,7 @@ class Conv2d(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_channels,))) if bias else nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or x.dtype
+        dtype = x.dtype if self.dtype is None else self.dtype
         ph, pw = self.padding
         y = jax.lax.conv_general_dilated(
             x.astype(dtype),
@@ -154,7 +154,7 @@ class DepthwiseConv2d(nnx.Module):
         return k if self.mask is None else k * self.mask[...]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or x.dtype
+        dtype = x.dtype if self.dtype is None else self.dtype
         y = depthwise_conv2d(x.astype(dtype), self.effective_kernel().astype(dtype), self.padding, self.impl)
         if self.stride > 1:
             y = y[:, :: self.stride, :: self.stride, :]
@@ -187,7 +187,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,))) if bias else nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.dtype or x.dtype
+        dtype = x.dtype if self.dtype is None else self.dtype
         y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
@@ -228,7 +228,7 @@ class BatchNorm(nnx.Module):
     1 (default) reduces over the global batch, i.e. PyTorch SyncBatchNorm; G > 1 splits the
     batch into G contiguous groups (one per data-parallel device) and normalises each by its
     own statistics, i.e. plain BatchNorm under DDP; running statistics then take the mean of
-    the groups' statistics. Set it for a whole model with :func:`set_bn_stat_groups`.
+    the groups' statistics. Set it for a whole model through ``Policy(bn_stat_groups=...)``.
     """
 
     torch_params: TorchParams = {
@@ -283,20 +283,6 @@ class BatchNorm(nnx.Module):
         self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean.mean((0, 1)))
         self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased.mean((0, 1)))
         return y.astype(x.dtype)
-
-
-def set_bn_stat_groups(model: nnx.Module, groups: int) -> None:
-    """Set the statistics scope of every BatchNorm in ``model`` (1 = SyncBN, G = per device)."""
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, BatchNorm):
-            m.stat_groups = groups
-
-
-def set_depthwise_impl(model: nnx.Module, impl: str) -> None:
-    """Select the depthwise-convolution implementation of every layer of ``model``."""
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, DepthwiseConv2d):
-            m.impl = impl
 
 
 class DropPath(nnx.Module):

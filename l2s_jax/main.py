@@ -38,9 +38,11 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from l2s_jax import config_lib, layers, losses, metric_io, train
+from l2s_jax import config_lib, losses, metric_io, train
 from l2s_jax.data import pipeline
 from l2s_jax.models import create, load_pretrained, pretrained, registry, save_pretrained
+from l2s_jax.models.policy import Policy, apply_policy
+
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
@@ -111,22 +113,26 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _student_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
     kwargs = dict(config.model.overrides)
     kwargs["num_classes"] = num_classes
-    if config.model.dtype != "float32":
-        kwargs["dtype"] = jnp.dtype(config.model.dtype)
     return kwargs
 
 
 def build_student(config: ml_collections.ConfigDict, num_classes: int, num_devices: int,
                   teacher_channels: list[int] | None) -> train.DistillStudent:
     """The student of ``config.model`` (+ FD projectors to ``teacher_channels``)."""
-    model = create(config.model.name, seed=config.seed, **_student_kwargs(config, num_classes))
-    layers.set_bn_stat_groups(model, config.model.bn_stat_groups or num_devices)
-    layers.set_depthwise_impl(model, config.model.depthwise_impl)
+    policy = Policy(compute_dtype=config.model.dtype, depthwise_impl=config.model.depthwise_impl,
+                    bn_stat_groups=config.model.bn_stat_groups or num_devices)
+    model = create(config.model.name, seed=config.seed, policy=policy, **_student_kwargs(config, num_classes))
     projector = None
     if teacher_channels:
-        student_channels = train.feature_channels(model, config.data.image_size, len(teacher_channels))
+        student_channels = train.feature_channels(model, len(teacher_channels))
         projector = losses.FeatureProjector(student_channels, teacher_channels, rngs=nnx.Rngs(config.seed + 1))
     return train.DistillStudent(model, projector)
+
+
+def teacher_policy(config: ml_collections.ConfigDict) -> Policy:
+    """How the frozen teacher runs (``config.teacher``: compute and storage dtypes, depthwise kernel)."""
+    return Policy(compute_dtype=config.teacher.dtype, param_dtype=config.teacher.param_dtype,
+                  depthwise_impl=config.teacher.depthwise_impl)
 
 
 def load_teacher(config: ml_collections.ConfigDict, ckpt_dir: Path, num_classes: int) -> nnx.Module:
@@ -138,10 +144,8 @@ def load_teacher(config: ml_collections.ConfigDict, ckpt_dir: Path, num_classes:
             f"--src FILE --out {ckpt_dir}")
     model = load_pretrained(ckpt_dir)
     if config.teacher.fuse and hasattr(model, "fuse"):
-        model.fuse()
-    layers.set_depthwise_impl(model, config.teacher.depthwise_impl)
-    if config.teacher.dtype != "float32":
-        train.set_compute_dtype(model, jnp.dtype(config.teacher.dtype))
+        model.fuse()  # from the float32 weights, before the policy casts them
+    apply_policy(model, teacher_policy(config))
     graph, state = nnx.split(model)
     size = config.data.image_size
     image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -382,10 +386,8 @@ def setup_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *
         if teacher is None:
             raise ValueError(f"method {method.name!r} needs a teacher")
         if method.feature_stages:
-            teacher_channels = train.feature_channels(teacher, config.data.image_size, method.feature_stages)
+            teacher_channels = train.feature_channels(teacher, method.feature_stages)
         teacher_graph, teacher_state = nnx.split(teacher)
-        if config.teacher.param_dtype != "float32":
-            teacher_state = train.cast_floating(teacher_state, jnp.dtype(config.teacher.param_dtype))
         teacher_sh = train.tree_shardings(teacher_state, mesh, fsdp=config.sharding.fsdp_teacher,
                                           min_size=config.sharding.fsdp_min_size)
         teacher_state = jax.device_put(teacher_state, teacher_sh)

@@ -127,53 +127,12 @@ class DistillStudent(nnx.Module):
         return self.model(images)
 
 
-def logits_and_features(model: nnx.Module, images: jax.Array, num_stages: int) -> tuple[jax.Array, list[jax.Array]]:
-    """Logits and the last ``num_stages`` stage maps of any zoo model in one forward pass.
-
-    ConvNeXt/SLaK/Swin/CSWin expose ``features`` + ``head_from_features``, ResNet/MobileNetV3
-    ``features`` + ``forward_head``; a ViT returns its final normed token map (L = 1) or the
-    last L blocks' maps (one extra pass for the logits).
-    """
-    if num_stages <= 0:
-        return model(images), []
-    if hasattr(model, "head_from_tokens"):
-        if num_stages == 1:
-            tokens = model.forward_features(images)
-            return model.head_from_tokens(tokens), [model.tokens_to_map(tokens)]
-        return model(images), model.features(images, blocks=list(range(-num_stages, 0)))
-    feats = model.features(images)
-    if hasattr(model, "head_from_features"):
-        logits = model.head_from_features(feats[-1])
-    elif hasattr(model, "forward_head"):
-        logits = model.forward_head(feats[-1])
-    else:
-        raise TypeError(f"{type(model).__name__} has no known head to pair with its features")
-    if num_stages > len(feats):
-        raise ValueError(f"asked for the last {num_stages} stages of a model with {len(feats)}")
-    return logits, feats[-num_stages:]
-
-
-def feature_channels(model: nnx.Module, image_size: int, num_stages: int) -> list[int]:
-    """Channel counts of the last ``num_stages`` feature maps (shape inference only)."""
-    graphdef, state = nnx.split(model)
-
-    def run(state: nnx.State, images: jax.Array) -> list[jax.Array]:
-        return logits_and_features(nnx.merge(graphdef, state), images, num_stages)[1]
-
-    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-    return [int(f.shape[-1]) for f in jax.eval_shape(run, state, images)]
-
-
-def set_compute_dtype(model: nnx.Module, dtype: Any) -> None:
-    """Set the compute dtype of every layer of a built model (parameters keep theirs)."""
-    for _, m in nnx.iter_modules(model):
-        if hasattr(m, "dtype"):
-            m.dtype = dtype
-
-
-def cast_floating(tree: Any, dtype: Any) -> Any:
-    """Cast every floating-point leaf of ``tree`` to ``dtype`` (e.g. a bfloat16 teacher)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+def feature_channels(model: nnx.Module, num_stages: int) -> list[int]:
+    """Channel counts of the model's last ``num_stages`` feature maps (no forward pass)."""
+    channels = model.stage_channels
+    if not 0 < num_stages <= len(channels):
+        raise ValueError(f"asked for the last {num_stages} stages of a model with {len(channels)}")
+    return list(channels[-num_stages:])
 
 
 # --- train state -----------------------------------------------------------------------------
@@ -282,7 +241,7 @@ def make_train_step(
             return None, []
         teacher = nnx.merge(teacher_graph, teacher_state)
         teacher.eval()  # running BN statistics, no drop path, whatever mode it was split in
-        out = logits_and_features(teacher, images, fd_stages)
+        out = teacher.forward_with_features(images, fd_stages)
         return jax.lax.stop_gradient(out)
 
     def loss_fn(params, stats, images, targets, t_logits, t_feats, key):
@@ -290,7 +249,7 @@ def make_train_step(
         rng_state, stats = jax.tree.map(lambda x: x, (student_def.rng_state, stats))
         student = nnx.merge(student_def.train_graph, params, rng_state, stats)
         nnx.reseed(student, dropout=key)
-        logits, feats = logits_and_features(student.model, images, fd_stages)
+        logits, feats = student.model.forward_with_features(images, fd_stages)
         projected = student.projector(feats) if fd_stages else None
         loss, parts = losses.distillation_loss(method, logits, t_logits, targets, projected_student_feats=projected,
                                                teacher_feats=t_feats or None)

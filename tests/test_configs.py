@@ -37,7 +37,7 @@ def _abstract(name: str, overrides: str, num_classes: int) -> nnx.Module:
 
 @functools.lru_cache(maxsize=None)
 def _channels(name: str, overrides: str, num_classes: int, size: int, stages: int) -> tuple[int, ...]:
-    return tuple(train.feature_channels(_abstract(name, overrides, num_classes), size, stages))
+    return tuple(train.feature_channels(_abstract(name, overrides, num_classes), stages))
 
 
 def _overrides(d) -> str:

@@ -33,7 +33,7 @@ def run(model: ConvNeXt, images: jax.Array):
             stem = layer(stem)
         feats = m.features(x)
         pooled = feats[-1].mean((1, 2))
-        return stem, feats, pooled, m.norm(pooled), m.head_from_features(feats[-1])
+        return stem, feats, pooled, m.norm(pooled), m.forward_head(feats[-1])
 
     return f(state, images)
 

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import intermediates
 from conftest import assert_close_to_reference
 from l2s_jax.convert import convert_checkpoint, convert_state_dict, detect_families, resolve_config
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.io.torch_state import load_state_dict
 from l2s_jax.models import attention, create, cswin, get_family, load_pretrained, read_spec
+from l2s_jax.models.policy import Policy, apply_policy
 from test_vit import (abstract_outputs, assert_drop_path_modes, assert_matches_manifest, drop_path_rates,
                       jit_pure, manifest_state_dict, nhwc, params_of, random_model, randomize,
                       top1_agrees_and_close)
@@ -29,8 +31,8 @@ def golden(golden_dir: Path) -> dict:
     sd, used_key = read_state_dict(path, default_keys=get_family("cswin").default_keys)
     model, config = convert_state_dict("cswin", sd, MINI_HEADS)
     run, state = jit_pure(model, lambda m, x: {
-        "named": m.named_intermediates(x), "call": m(x), "features": m.features(x),
-        "raw_last": m.features(x, norm=False)[-1],
+        "named": intermediates.cswin(m, x), "call": m(x), "features": m.features(x),
+        "raw_last": m.features(x, raw_last=True)[-1],
     })
     images = nhwc(ref["images"])
     other_sd, _ = read_state_dict(path, key="state_dict")
@@ -137,7 +139,7 @@ def test_lepe_branch_matches_pytorch(orientation: str, split: int, size: tuple[i
     args = [jnp.asarray(t.numpy().transpose(0, 2, 3, 1)) for t in (q, k, v)]
     assert_close_to_reference(run(branch, *args), expect, f"{orientation} {split} {size}")
     if orientation == "vertical" and split == 1:
-        attention.set_attention_impl(branch, "explicit")
+        apply_policy(branch, Policy(attention_impl="explicit"))
         assert_close_to_reference(run(branch, *args), expect, "explicit path")
 
 

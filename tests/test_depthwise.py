@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from l2s_jax.ops import depthwise as dw
-from l2s_jax.ops.depthwise import IMPLS, depthwise_conv2d, merge_kernels, resolve_impl, set_default_impl
+from l2s_jax.ops.depthwise import IMPLS, depthwise_conv2d, merge_kernels, resolve_impl
 
 FAST_IMPLS = [i for i in IMPLS if i != "direct"]
 
@@ -109,18 +109,11 @@ def test_auto_matches_direct_and_resolves_on_cpu():
         assert resolve_impl("auto", *shape) in FAST_IMPLS
 
 
-def test_impl_selection_and_default():
+def test_impl_selection():
     assert resolve_impl("toeplitz", 8, 8, 3, 3) == "toeplitz"
+    assert resolve_impl("fft", 56, 56, 7, 7) == "fft"  # explicit choices win
     with pytest.raises(ValueError):
         resolve_impl("winograd", 8, 8, 3, 3)
-    with pytest.raises(ValueError):
-        set_default_impl("winograd")
-    try:
-        set_default_impl("dft")
-        assert resolve_impl("auto", 56, 56, 7, 7) == "dft"
-        assert resolve_impl("fft", 56, 56, 7, 7) == "fft"  # explicit choices win
-    finally:
-        set_default_impl("auto")
     assert resolve_impl("auto", 56, 56, 7, 7) in FAST_IMPLS
 
 

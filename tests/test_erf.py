@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from l2s_jax import erf, layers
 from l2s_jax.convert import convert_state_dict
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.models import create, get_family, save_pretrained
+from l2s_jax.models.policy import Policy, apply_policy
 from l2s_jax.models.slak import LargeKernel
 
 CASES = ["dev_erf_slak", "dev_erf_convnext_bn"]
@@ -38,7 +40,7 @@ def golden_cases(golden_dir):
         meta = json.loads((golden_dir / "erf" / f"{case}.json").read_text())
         sd, _ = read_state_dict(golden_dir / "erf" / meta["checkpoint"], default_keys=get_family("slak").default_keys)
         model, config = convert_state_dict("slak", sd)
-        layers.set_depthwise_impl(model, "direct")
+        apply_policy(model, Policy(depthwise_impl="direct"))
         out[case] = (meta, np.load(golden_dir / "erf" / f"{case}.npz"), model, config)
     return out
 
@@ -273,11 +275,25 @@ def test_non_finite_images_are_skipped():
         erf.accumulate(probe, [images[2:]]).reduce()
 
 
+def test_off_centre_probe_warns_once_per_shape():
+    assert erf.centre_note(7, 7, (224, 224)) is None
+    assert "half a position (16 px)" in erf.centre_note(32, 32, (1024, 1024))
+    assert "border" in erf.centre_note(5, 5, (160, 160)) and "position (2, 2)" in erf.centre_note(5, 5, (160, 160))
+    probe = erf.ContributionProbe(ConvStack(1, 3, rngs=nnx.Rngs(0)), batch_size=1)
+    with pytest.warns(erf.OffCentreWarning, match="is 8x8 for 8x8 images; its 'centre' is position \\(4, 4\\)"):
+        probe(np.ones((1, 8, 8, 3), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe(np.ones((1, 8, 8, 3), np.float32))  # once per shape
+        probe(np.ones((1, 9, 9, 3), np.float32))  # odd, 4 positions from every border: centred
+
+
 def test_zoo_models_through_features():
     """A transformer (tokens reshaped to a map by its features()) and a plain ConvNeXt."""
     images = erf.load_erf_images("random", 1, size=32)
-    for model in (create("vit_mini", img_size=32), create("convnext", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))):
-        layers.set_depthwise_impl(model, "direct")
+    direct = Policy(depthwise_impl="direct")
+    for model in (create("vit_mini", img_size=32), create("convnext", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8),
+                                                           policy=direct)):
         m = erf.contribution_map(model, images)
         assert m.shape == (32, 32) and m.dtype == np.float32 and np.all(np.isfinite(m)) and m.max() > 0
 
@@ -353,6 +369,8 @@ def test_tool_writes_maps_table_and_figure(golden_cases, tmp_path, capsys):
     assert rc == 0, out.err
     assert "student: 2 images" in out.out and "vit_mini: 2 images" in out.out and "area ratio" in out.out
     assert "img" in out.err  # the progress bar
+    warned = [line for line in out.err.splitlines() if line.startswith("warning: ERF")]
+    assert len(warned) == 2 and "is 1x1 for 32x32 images" in warned[0] and "is 2x2" in warned[1], out.err
     for name in ("student.npy", "vit_mini.npy", "erf_areas.json", "erf_areas.csv", "erf.png"):
         assert (out_dir / name).is_file(), name
     meta = json.loads((out_dir / "erf_areas.json").read_text())["metadata"]

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from l2s_jax import layers
+from l2s_jax.models.policy import Policy, apply_policy
 from l2s_jax.io.torch_state import load_state_dict
 
 torch = pytest.importorskip("torch", reason="live layer comparisons need the optional torch extra")
@@ -102,14 +103,12 @@ def test_batchnorm_stat_groups_are_per_device_batchnorm():
     assert not np.allclose(sync(to_nhwc(x)), y, atol=1e-3)  # global statistics differ
 
 
-def test_set_bn_stat_groups_and_depthwise_impl_walk_the_model():
+def test_policy_walks_the_model():
     class Net(nnx.Module):
         def __init__(self):
             self.items = nnx.List([layers.BatchNorm(2), layers.DepthwiseConv2d(2, 3, rngs=nnx.Rngs(0))])
 
-    net = Net()
-    layers.set_bn_stat_groups(net, 4)
-    layers.set_depthwise_impl(net, "toeplitz")
+    net = apply_policy(Net(), Policy(bn_stat_groups=4, depthwise_impl="toeplitz"))
     assert net.items[0].stat_groups == 4 and net.items[1].impl == "toeplitz"
 
 

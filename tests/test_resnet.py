@@ -261,7 +261,7 @@ def test_headless_model_returns_pooled_features():
     assert model.fc is None
     out = nnx.eval_shape(lambda m: m(jnp.zeros((1, 64, 64, 3))), model)
     assert out.shape == (1, 128)
-    assert model.feature_channels == (32, 64, 96, 128)
+    assert model.stage_channels == (32, 64, 96, 128)
 
 
 def test_jitted_gradient_through_the_stem_pool():

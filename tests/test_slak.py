@@ -50,7 +50,7 @@ def probe(model: SLaK, images: jax.Array, stage_inputs: list[jax.Array], lk_inpu
                 x = layer(x)
             downs.append(x)
         lks = [m.stages[i][0].large_kernel(x) for i, x in enumerate(lk_inputs)]
-        return feats, m.head_from_features(feats[-1]), downs, lks
+        return feats, m.forward_head(feats[-1]), downs, lks
 
     return run(state, images, stage_inputs, lk_inputs)
 

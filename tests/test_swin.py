@@ -12,11 +12,13 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+import intermediates
 from conftest import assert_close_to_reference
 from l2s_jax.convert import convert_state_dict, detect_families, resolve_config
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.io.torch_state import load_state_dict
 from l2s_jax.models import attention, create, get_family, swin
+from l2s_jax.models.policy import Policy, apply_policy
 from test_vit import (abstract_outputs, assert_drop_path_modes, assert_matches_manifest, drop_path_rates,
                       jit_pure, manifest_state_dict, nhwc, params_of, randomize, top1_agrees_and_close)
 
@@ -28,8 +30,8 @@ def golden(golden_dir: Path) -> dict:
     sd = load_file(folder / "swin_mini.safetensors")
     model, config = convert_state_dict("swin", sd)
     run, state = jit_pure(model, lambda m, x: {
-        "named": m.named_intermediates(x), "call": m(x), "features": m.features(x),
-        "raw_last": m.features(x, norm=False)[-1],
+        "named": intermediates.swin(m, x), "call": m(x), "features": m.features(x),
+        "raw_last": m.features(x, raw_last=True)[-1],
     })
     return {"folder": folder, "ref": ref, "sd": sd, "model": model, "config": config,
             "out": run(state, nhwc(ref["images"]))}
@@ -240,7 +242,7 @@ def test_shifted_block_matches_pytorch(resolution: tuple[int, int]) -> None:
     run = nnx.jit(lambda b, x: b(x))
     assert_close_to_reference(run(block, jnp.asarray(x)), expect, f"block {resolution}")
     if resolution == (14, 14):
-        attention.set_attention_impl(block, "explicit")
+        apply_policy(block, Policy(attention_impl="explicit"))
         assert_close_to_reference(run(block, jnp.asarray(x)), expect, f"explicit block {resolution}")
 
 

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from l2s_jax import layers, losses, train
 from l2s_jax.models import create
+from l2s_jax.models.policy import Policy, apply_policy
 
 NUM_CLASSES = 4
 BATCH, SIZE = 16, 32
@@ -169,11 +170,8 @@ def test_accumulation_matches_one_big_batch():
 
 def test_mixed_precision_keeps_float32_master_weights():
     """bfloat16 student compute and a bfloat16-held teacher: float32 params, finite float32 loss."""
-    student = _student("convnext_tiny_bn", dtype=jnp.bfloat16)
-    teacher = _teacher()
-    train.set_compute_dtype(teacher, jnp.bfloat16)
-    graph, state = nnx.split(teacher)
-    teacher = nnx.merge(graph, train.cast_floating(state, jnp.bfloat16))
+    student = _student("convnext_tiny_bn", policy=Policy(compute_dtype="bfloat16"))
+    teacher = apply_policy(_teacher(), Policy(compute_dtype="bfloat16", param_dtype="bfloat16"))
     assert {x.dtype for x in jax.tree.leaves(nnx.state(teacher, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
     state, metrics, _, _ = run_steps(student, teacher, devices=1, steps=1)
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}

@@ -12,12 +12,14 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
+import intermediates
 from conftest import assert_close_to_reference
 from l2s_jax import layers
 from l2s_jax.convert import convert_state_dict, detect_families, resolve_config
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.io.torch_state import check_state_dict, torch_slots
 from l2s_jax.models import attention, build_abstract, create, get_family
+from l2s_jax.models.policy import Policy, apply_policy
 from l2s_jax.models.pretrained import materialize_auxiliary
 
 MINI_HEADS = {"num_heads": 3}  # vit_mini: embed 96 with 3 heads (not a published width)
@@ -52,10 +54,10 @@ def drop_path_rates(model: nnx.Module) -> list[float]:
 
 
 def abstract_outputs(model: nnx.Module, batch: int = 2, size: int = 224) -> tuple:
-    """Shapes of ``(features(images), model(images))`` by tracing only (no compile, no FLOPs)."""
+    """Shapes of the last 4 feature maps and the logits by tracing only (no compile, no FLOPs)."""
     graphdef, state = nnx.split(model)
     images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    feats, logits = jax.eval_shape(lambda s, x: (lambda m: (m.features(x), m(x)))(nnx.merge(graphdef, s)),
+    logits, feats = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).forward_with_features(x, 4),
                                    state, images)
     return [f.shape for f in feats], logits.shape
 
@@ -107,8 +109,8 @@ def golden(golden_dir: Path) -> dict:
     sd = load_file(folder / "vit_mini.safetensors")
     model, config = convert_state_dict("vit", sd, MINI_HEADS)
     run, state = jit_pure(model, lambda m, x: {
-        "named": m.named_intermediates(x), "call": m(x), "features": m.features(x),
-        "raw_blocks": m.features(x, norm=False, blocks=[0, -1]),
+        "named": intermediates.vit(m, x), "call": m(x), "features": m.features(x),
+        "raw": m.features(x, raw_last=True),
     })
     return {"folder": folder, "ref": ref, "sd": sd, "model": model, "config": config,
             "out": run(state, nhwc(ref["images"]))}
@@ -125,11 +127,13 @@ def test_golden_parity_every_array(golden: dict) -> None:
 def test_call_and_features_match_golden(golden: dict) -> None:
     ref, out = golden["ref"], golden["out"]
     assert_close_to_reference(out["call"], ref["logits"], "logits")
-    (final,) = out["features"]
+    final = out["features"][-1]
     assert final.shape == (2, 14, 14, 96)
     assert_close_to_reference(final, ref["tokens_post_norm"][:, 1:].reshape(2, 14, 14, 96), "features")
-    for i, fmap in enumerate(out["raw_blocks"]):
+    for i, fmap in enumerate(out["raw"]):
         assert_close_to_reference(fmap, ref[f"blocks_{i}"][:, 1:].reshape(2, 14, 14, 96), f"blocks_{i} map")
+    for i, fmap in enumerate(out["features"][:-1]):
+        np.testing.assert_array_equal(fmap, out["raw"][i])
 
 
 def test_pth_file_gives_the_same_model(golden: dict) -> None:
@@ -171,10 +175,10 @@ def test_fused_attention_equals_explicit_softmax() -> None:
 
 def test_attention_impl_switch_and_validation() -> None:
     model = nnx.eval_shape(lambda: create("vit_mini"))
-    attention.set_attention_impl(model, "explicit")
+    apply_policy(model, Policy(attention_impl="explicit"))
     assert all(b.attn.attention_impl == "explicit" for b in model.blocks)
-    with pytest.raises(ValueError, match="unknown attention implementation"):
-        attention.set_attention_impl(model, "flash")
+    with pytest.raises(ValueError, match="attention_impl='flash' is not one of"):
+        Policy(attention_impl="flash")
 
 
 # --- full size, registry, converter hooks ----------------------------------------------------
@@ -183,7 +187,7 @@ def test_full_size_layout_matches_timm_manifest(golden_dir: Path) -> None:
     manifest, sd = manifest_state_dict(golden_dir / "manifests" / "timm_vit_small_patch16_224.json")
     model = nnx.eval_shape(lambda: create("vit_small_patch16_224"))
     assert assert_matches_manifest(model, manifest, sd) == 22_050_664
-    assert abstract_outputs(model) == ([(2, 14, 14, 384)], (2, 1000))
+    assert abstract_outputs(model) == ([(2, 14, 14, 384)] * 4, (2, 1000))
     config, provenance = resolve_config("vit", get_family("vit").infer_config(sd), {})
     assert config == {"img_size": 224, "patch_size": 16, "in_chans": 3, "num_classes": 1000, "embed_dim": 384,
                       "depth": 12, "num_heads": 6, "mlp_ratio": 4.0, "qkv_bias": True}

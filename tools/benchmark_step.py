@@ -62,6 +62,7 @@ def run_jax(case: str, batch: int, repeats: int) -> dict:
 
     from l2s_jax import main, train
     from l2s_jax.models import create
+    from l2s_jax.models.policy import apply_policy
 
     config, classes = _config(case, batch)
     name, kwargs = _teacher_kwargs(config)
@@ -69,6 +70,7 @@ def run_jax(case: str, batch: int, repeats: int) -> dict:
     teacher.eval()
     if config.teacher.fuse and hasattr(teacher, "fuse"):
         teacher.fuse()
+    apply_policy(teacher, main.teacher_policy(config))  # as main.load_teacher
     mesh = train.create_mesh()
     run = main.setup_training(config, mesh, num_classes=classes, steps_per_epoch=100, total_steps=1000,
                               teacher=teacher)

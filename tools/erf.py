@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,24 +70,20 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def model_loaders(args: argparse.Namespace) -> dict[str, Callable[[], Any]]:
     """Zero-argument loaders, one per requested model, in command-line order."""
-    from l2s_jax import layers
     from l2s_jax.models import create, list_models, load_pretrained
+    from l2s_jax.models.policy import Policy
 
-    def finish(model: Any) -> Any:
-        if args.depthwise_impl != "auto":
-            layers.set_depthwise_impl(model, args.depthwise_impl)
-        return model
-
+    policy = Policy(depthwise_impl=args.depthwise_impl)
     loaders: dict[str, Callable[[], Any]] = {}
     for name, path in parse_named_dirs(args.checkpoint).items():
-        loaders[name] = lambda path=path: finish(load_pretrained(path))
+        loaders[name] = lambda path=path: load_pretrained(path, policy=policy)
     overrides = parse_overrides(args.override)
     for name in args.model:
         if name not in list_models():
             raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}")
         if name in loaders:
             raise ValueError(f"{name!r} is both a checkpoint name and a --model")
-        loaders[name] = lambda name=name: finish(create(name, seed=args.seed, **overrides))
+        loaders[name] = lambda name=name: create(name, seed=args.seed, policy=policy, **overrides)
     return loaders
 
 
@@ -182,9 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 on a usage, data or checkpoint error)."""
+    from tqdm import tqdm
+
     args = build_parser().parse_args(argv)
     try:
-        return run_as_notebook(args) if args.notebook else run_probe(args)
+        with warnings.catch_warnings():
+            # One line per warning, on its own line even under a running progress bar.
+            warnings.showwarning = lambda message, *_, **__: tqdm.write(f"warning: {message}", file=sys.stderr)
+            return run_as_notebook(args) if args.notebook else run_probe(args)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2

@@ -29,12 +29,10 @@ def check_implementation(implementation: str | None) -> str | None:
     return implementation
 
 
-def set_attention_impl(model: nnx.Module, implementation: str | None) -> None:
-    """Select the attention implementation of every attention layer of ``model``."""
-    check_implementation(implementation)
-    for _, module in nnx.iter_modules(model):
-        if hasattr(module, "attention_impl"):
-            module.attention_impl = implementation
+class AttentionLayer(nnx.Module):
+    """Base of every attention layer: ``attention_impl`` is set by :func:`l2s_jax.models.policy.apply_policy`."""
+
+    attention_impl: str | None = None
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,

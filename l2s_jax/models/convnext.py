@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from l2s_jax import layers
+from l2s_jax.models.base import Backbone
 from l2s_jax.models.registry import Family, StateDict
 
 
@@ -48,7 +49,7 @@ class Block(nnx.Module):
         return x + self.drop_path(y)
 
 
-class ConvNeXt(nnx.Module):
+class ConvNeXt(Backbone):
     """ConvNeXt / SLaK macro architecture on NHWC images; ``dims`` are the actual stage widths."""
 
     def __init__(
@@ -87,6 +88,7 @@ class ConvNeXt(nnx.Module):
             stages.append(nnx.List(stage))
             k += depths[i]
         self.stages = nnx.List(stages)
+        self.stage_channels = tuple(dims)
         self.norm = layers.LayerNorm(dims[-1], eps=1e-6)
         self.head = layers.Linear(dims[-1], num_classes, dtype=dtype, rngs=rngs)
         self.head.kernel[...] = self.head.kernel[...] * head_init_scale
@@ -94,8 +96,8 @@ class ConvNeXt(nnx.Module):
     def make_block(self, stage: int, dim: int, **kwargs: Any) -> nnx.Module:
         return Block(dim, **kwargs)
 
-    def features(self, images: jax.Array) -> list[jax.Array]:
-        """Per-stage NHWC feature maps (outputs of ``stages[i]``), in stage order."""
+    def forward_stages(self, images: jax.Array) -> list[jax.Array]:
+        """Outputs of ``stages[i]`` (each after its downsampler), NHWC, in stage order."""
         x = images if self.dtype is None else images.astype(self.dtype)
         feats = []
         for down, stage in zip(self.downsample_layers, self.stages):
@@ -106,12 +108,10 @@ class ConvNeXt(nnx.Module):
             feats.append(x)
         return feats
 
-    def head_from_features(self, last: jax.Array) -> jax.Array:
-        """Global average pool -> LayerNorm -> linear head; float32 logits."""
-        return self.head(self.norm(layers.global_avg_pool(last))).astype(jnp.float32)
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.head_from_features(self.features(images)[-1])
+    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """Global average pool -> LayerNorm -> linear head; float32 logits (normed pooled vector if ``pre_logits``)."""
+        x = self.norm(layers.global_avg_pool(features))
+        return (x if pre_logits else self.head(x)).astype(jnp.float32)
 
 
 # --- converter hooks -------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from flax import nnx
 from l2s_jax import layers
 from l2s_jax.models import attention as attn_lib
 from l2s_jax.models.attention import window_partition, window_reverse
+from l2s_jax.models.base import Backbone
 from l2s_jax.models.registry import Default, Family, StateDict
 from l2s_jax.models.vit import Mlp
 
@@ -41,7 +42,7 @@ PUBLISHED_NAMES = {(64, (1, 2, 21, 1)): "CSWin-T", (64, (2, 4, 32, 2)): "CSWin-S
                    (144, (2, 4, 32, 2)): "CSWin-L"}
 
 
-class LePEAttention(nnx.Module):
+class LePEAttention(attn_lib.AttentionLayer):
     """Attention within stripes plus the locally-enhanced positional encoding ``get_v``.
 
     ``orientation`` is ``"vertical"`` (stripes of full height and ``split_size`` width),
@@ -156,7 +157,7 @@ class TokenLayout(nnx.Module):
         return x
 
 
-class CSWinTransformer(nnx.Module):
+class CSWinTransformer(Backbone):
     """Official ``CSWinTransformer`` on NHWC images (branch layout fixed for ``img_size``)."""
 
     def __init__(
@@ -200,6 +201,7 @@ class CSWinTransformer(nnx.Module):
             ]
             setattr(self, f"stage{s + 1}", nnx.List(blocks))
             k += depth[s]
+        self.stage_channels = tuple(dims)
         self.norm = layers.LayerNorm(dims[-1], eps=1e-5)
         self.head = layers.Linear(dims[-1], num_classes, dtype=dtype, rngs=rngs) if num_classes > 0 else None
 
@@ -217,7 +219,7 @@ class CSWinTransformer(nnx.Module):
             x = block(x)
         return x
 
-    def stage_outputs(self, images: jax.Array) -> list[jax.Array]:
+    def forward_stages(self, images: jax.Array) -> list[jax.Array]:
         """Raw NHWC outputs of the four stages (56/28/14/7 at 224)."""
         x = self.stem(images)
         outs = []
@@ -226,44 +228,13 @@ class CSWinTransformer(nnx.Module):
             outs.append(x)
         return outs
 
-    def features(self, images: jax.Array, *, norm: bool = True) -> list[jax.Array]:
-        """Per-stage NHWC maps in stage order; ``norm`` applies the final LayerNorm to the last.
+    def final_norm(self, last: jax.Array) -> jax.Array:
+        return self.norm(last)
 
-        Same convention as :meth:`l2s_jax.models.swin.SwinTransformer.features`: stages 0-2 raw,
-        the last map normed by default (the representation the classifier pools).
-        """
-        maps = self.stage_outputs(images)
-        if norm:
-            maps[-1] = self.norm(maps[-1])
-        return maps
-
-    def forward_features(self, images: jax.Array) -> jax.Array:
-        """Final NHWC map after the final LayerNorm."""
-        return self.norm(self.stage_outputs(images)[-1])
-
-    def head_from_features(self, normed_map: jax.Array) -> jax.Array:
-        """Mean over tokens of the normed final map -> ``head``; float32 logits."""
-        pooled = layers.global_avg_pool(normed_map)
-        return (pooled if self.head is None else self.head(pooled)).astype(jnp.float32)
-
-    def named_intermediates(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Every intermediate under the golden ``.npz`` names, as row-major tokens ``(N, HW, C)``."""
-        def tokens(x: jax.Array) -> jax.Array:
-            return x.reshape(x.shape[0], -1, x.shape[-1])
-
-        x = self.stem(images)
-        out: dict[str, jax.Array] = {"stem": tokens(x)}
-        for s in range(NUM_STAGES):
-            x = self.stage(s, x)
-            out[f"stage{s + 1}"] = tokens(x)
-        normed = self.norm(x)
-        out["final_norm"] = tokens(normed)
-        out["pooled"] = layers.global_avg_pool(normed)
-        out["logits"] = self.head_from_features(normed)
-        return out
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.head_from_features(self.forward_features(images))
+    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """Global average pool of the normed final map -> classifier; float32 logits (pooled if ``pre_logits``)."""
+        pooled = layers.global_avg_pool(features)
+        return (pooled if (pre_logits or self.head is None) else self.head(pooled)).astype(jnp.float32)
 
 
 # --- converter hooks -------------------------------------------------------------------------

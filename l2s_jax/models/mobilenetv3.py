@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from l2s_jax import layers
+from l2s_jax.models.base import Backbone
 from l2s_jax.models.registry import Family, StateDict
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -48,6 +49,11 @@ LARGE_ARCH: tuple[tuple[tuple[str, int, int, int, float, int, float, str], ...],
     (("cn", 1, 1, 1, 1.0, 960, 0.0, "hard_swish"),),
 )
 FEATURE_STAGES = (1, 2, 4, 6)  # last stage at strides 4, 8, 16, 32
+
+
+def feature_stages(num_stages: int) -> list[int]:
+    """Indices of the stages ``features`` returns: FEATURE_STAGES that exist, always ending with the last."""
+    return [i for i in FEATURE_STAGES if i < num_stages - 1] + [num_stages - 1]
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
@@ -198,7 +204,7 @@ def _check_block(block: Mapping[str, Any], where: str) -> None:
         raise ValueError(f"{where}: unknown activation {block['act']!r}; choose one of {sorted(ACTIVATIONS)}")
 
 
-class MobileNetV3(nnx.Module):
+class MobileNetV3(Backbone):
     """timm's ``MobileNetV3`` on NHWC images, built from explicit per-stage block definitions.
 
     ``block_defs`` is a list of stages, each a list of block dicts as produced by
@@ -247,8 +253,7 @@ class MobileNetV3(nnx.Module):
             stages.append(nnx.List(stage))
             out_channels.append(in_ch)
         self.blocks = nnx.List(stages)
-        self.stage_channels = tuple(out_channels)
-        self.feature_channels = tuple(out_channels[i] for i in FEATURE_STAGES if i < len(out_channels))
+        self.stage_channels = tuple(out_channels[i] for i in feature_stages(len(out_channels)))
         self.num_features = num_features
         self.conv_head = _pw(in_ch, num_features, bias=True, dtype=dtype, rngs=rngs)
         self.head_drop = nnx.Dropout(drop_rate, rngs=rngs)
@@ -273,24 +278,21 @@ class MobileNetV3(nnx.Module):
             outs.append(x)
         return outs
 
-    def features(self, images: jax.Array) -> list[jax.Array]:
+    def forward_stages(self, images: jax.Array) -> list[jax.Array]:
         """The last map at strides 4, 8, 16, 32: outputs of ``blocks[1]``, ``[2]``, ``[4]``, ``[6]``."""
         outs = self.stage_outputs(images)
-        return [outs[i] for i in FEATURE_STAGES if i < len(outs)]
+        return [outs[i] for i in feature_stages(len(outs))]
 
-    def forward_head(self, last: jax.Array, pre_logits: bool = False) -> jax.Array:
+    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
         """Pool -> ``conv_head`` -> hard-swish -> dropout -> ``classifier``; float32 logits.
 
         With ``pre_logits`` (or no classifier) returns the ``num_features`` vector before dropout.
         """
-        pooled = layers.global_avg_pool(last)[:, None, None, :]
+        pooled = layers.global_avg_pool(features)[:, None, None, :]
         x = layers.hard_swish(self.conv_head(pooled))[:, 0, 0, :]
         if pre_logits or self.classifier is None:
             return x.astype(jnp.float32)
         return self.classifier(self.head_drop(x)).astype(jnp.float32)
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.forward_head(self.stage_outputs(images)[-1])
 
 
 def build(*, channel_multiplier: float = 1.0, block_defs: Sequence[Sequence[Mapping[str, Any]]] | None = None,

@@ -118,18 +118,23 @@ def read_spec(ckpt_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_pretrained(ckpt_dir: str | Path, *, eval_mode: bool = True) -> nnx.Module:
-    """Rebuild a converted model from ``ckpt_dir`` (``spec.json`` + Orbax state), in eval mode.
+def load_pretrained(ckpt_dir: str | Path, *, eval_mode: bool = True, policy: Any = None) -> nnx.Module:
+    """Rebuild a converted model from ``ckpt_dir`` (``spec.json`` + Orbax state), in eval mode, run by ``policy``.
 
-    Every variable comes back as a JAX array (RNG keys as typed keys), so the model can be
-    trained or updated in place (``model.train()``; BatchNorm statistics) like a fresh one.
+    Every variable comes back as a JAX array (RNG keys as typed keys) on this process's first
+    device, so the model can be trained or updated in place (``model.train()``; BatchNorm
+    statistics) like a fresh one, and every process of a multi-host job can load it.
     """
     import orbax.checkpoint as ocp
+
+    from l2s_jax.models.policy import Policy, apply_policy
 
     ckpt_dir = Path(ckpt_dir).resolve()
     spec = read_spec(ckpt_dir)
     model = build_abstract(spec["family"], spec["config"])
-    abstract = nnx.to_pure_dict(nnx.state(model))
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
+                            nnx.to_pure_dict(nnx.state(model)))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(ckpt_dir / STATE_DIR, abstract)
     graphdef, state = nnx.split(model)
@@ -137,4 +142,4 @@ def load_pretrained(ckpt_dir: str | Path, *, eval_mode: bool = True) -> nnx.Modu
     model = nnx.merge(graphdef, state)
     if eval_mode:
         model.eval()
-    return model
+    return apply_policy(model, policy or Policy())

@@ -80,8 +80,11 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def create(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None, **overrides: Any) -> nnx.Module:
-    """Build a registered model (or a family by name with explicit kwargs) from scratch."""
+def create(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None, policy: Any = None,
+           **overrides: Any) -> nnx.Module:
+    """Build a registered model (or a family by name with explicit kwargs) from scratch, run by ``policy``."""
+    from l2s_jax.models.policy import Policy, apply_policy
+
     if name in MODELS:
         family, kwargs = MODELS[name]
     elif name in FAMILIES:
@@ -90,8 +93,11 @@ def create(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None, **override
         close = difflib.get_close_matches(name, list(MODELS) + list(FAMILIES), n=3)
         hint = f" Did you mean {close}?" if close else ""
         raise KeyError(f"unknown model {name!r}.{hint} Known models: {sorted(MODELS)}")
+    if "dtype" in overrides:
+        raise ValueError("set the compute dtype through policy=Policy(compute_dtype=...), not a dtype= override")
     kwargs = {**kwargs, **overrides}
-    return FAMILIES[family].build(**kwargs, rngs=rngs or nnx.Rngs(params=seed, dropout=seed + 1))
+    model = FAMILIES[family].build(**kwargs, rngs=rngs or nnx.Rngs(params=seed, dropout=seed + 1))
+    return apply_policy(model, policy or Policy())
 
 
 def build_abstract(family: str, config: Mapping[str, Any]) -> nnx.Module:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from l2s_jax import layers
+from l2s_jax.models.base import Backbone
 from l2s_jax.models.registry import Family, StateDict
 
 BLOCK_TYPES = ("basic", "bottleneck")
@@ -111,7 +112,7 @@ class Bottleneck(nnx.Module):
         return jax.nn.relu(y + _shortcut(self.downsample, x))
 
 
-class ResNet(nnx.Module):
+class ResNet(Backbone):
     """timm's ``ResNet`` with the default stem, on NHWC images.
 
     ``depths`` (timm's ``layers``) is the number of blocks per stage and ``channels`` the stage
@@ -160,7 +161,7 @@ class ResNet(nnx.Module):
                 in_ch, idx = planes * expansion, idx + 1
             setattr(self, f"layer{stage + 1}", nnx.List(blocks))
         self.num_features = in_ch
-        self.feature_channels = tuple(int(c) * expansion for c in channels)
+        self.stage_channels = tuple(int(c) * expansion for c in channels)
         self.head_drop = nnx.Dropout(drop_rate, rngs=rngs)
         if num_classes > 0:
             self.fc = layers.Linear(in_ch, num_classes, kernel_init=_torch_linear_init(in_ch), dtype=dtype, rngs=rngs)
@@ -177,7 +178,7 @@ class ResNet(nnx.Module):
         x = images if self.dtype is None else images.astype(self.dtype)
         return max_pool_3x3_s2(jax.nn.relu(self.bn1(self.conv1(x))))
 
-    def features(self, images: jax.Array) -> list[jax.Array]:
+    def forward_stages(self, images: jax.Array) -> list[jax.Array]:
         """Outputs of ``layer1`` ... ``layer4`` (NHWC, strides 4/8/16/32), in stage order."""
         x = self.stem(images)
         feats = []
@@ -187,15 +188,12 @@ class ResNet(nnx.Module):
             feats.append(x)
         return feats
 
-    def forward_head(self, last: jax.Array, pre_logits: bool = False) -> jax.Array:
+    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
         """Global average pool -> dropout -> ``fc``; float32 logits (pooled features if ``pre_logits``)."""
-        x = self.head_drop(layers.global_avg_pool(last))
+        x = self.head_drop(layers.global_avg_pool(features))
         if pre_logits or self.fc is None:
             return x.astype(jnp.float32)
         return self.fc(x).astype(jnp.float32)
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.forward_head(self.features(images)[-1])
 
 
 # --- converter hooks -------------------------------------------------------------------------

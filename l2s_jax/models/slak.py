@@ -67,8 +67,6 @@ class LargeKernel(nnx.Module):
         k, n = kernel_size, small_kernel
         branch = dict(bn=bn, sparse=sparse, dw_impl=dw_impl, dtype=dtype, rngs=rngs)
         self.kernel_size = k
-        self.dw_impl = dw_impl
-        self.dtype = dtype
         if decompose:
             self.LoRA1 = ConvBN(channels, (k, n), **branch)
             self.LoRA2 = ConvBN(channels, (n, k), **branch)
@@ -106,8 +104,9 @@ class LargeKernel(nnx.Module):
         if self.lkb_reparam is not None:
             return
         kernel, bias = self.fused_kernel()
-        conv = layers.DepthwiseConv2d(kernel.shape[-1], self.kernel_size, bias=True, impl=self.dw_impl,
-                                      dtype=self.dtype, rngs=nnx.Rngs(0))
+        like = self.branches()[0].conv  # the fused conv keeps the branches' policy (impl, dtype)
+        conv = layers.DepthwiseConv2d(kernel.shape[-1], self.kernel_size, bias=True, impl=like.impl,
+                                      dtype=like.dtype, rngs=nnx.Rngs(0))
         conv.kernel[...] = kernel
         conv.bias[...] = bias
         self.lkb_reparam = conv

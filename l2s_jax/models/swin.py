@@ -32,6 +32,7 @@ from flax import nnx
 from l2s_jax import layers
 from l2s_jax.models import attention as attn_lib
 from l2s_jax.models.attention import window_partition, window_reverse
+from l2s_jax.models.base import Backbone
 from l2s_jax.models.registry import Default, Family, StateDict
 from l2s_jax.models.vit import Mlp, split_heads
 
@@ -70,7 +71,7 @@ def shifted_window_mask(height: int, width: int, window: tuple[int, int], shift:
     return mask
 
 
-class WindowAttention(nnx.Module):
+class WindowAttention(attn_lib.AttentionLayer):
     """Multi-head attention inside windows, with a learned relative position bias per head."""
 
     torch_params = {"relative_position_bias_table": ("relative_position_bias_table", None)}
@@ -203,7 +204,7 @@ class ClassifierHead(nnx.Module):
         return self.fc(x)
 
 
-class SwinTransformer(nnx.Module):
+class SwinTransformer(Backbone):
     """timm ``SwinTransformer`` on NHWC images (window layout fixed for ``img_size``)."""
 
     def __init__(
@@ -241,10 +242,11 @@ class SwinTransformer(nnx.Module):
             ))
             k += depth
         self.layers = nnx.List(stages)
+        self.stage_channels = tuple(dims)
         self.norm = layers.LayerNorm(dims[-1], eps=1e-5)
         self.head = ClassifierHead(dims[-1], num_classes, dtype=dtype, rngs=rngs) if num_classes > 0 else None
 
-    def stage_outputs(self, images: jax.Array) -> list[jax.Array]:
+    def forward_stages(self, images: jax.Array) -> list[jax.Array]:
         """Raw NHWC outputs of ``layers[0..3]`` (stage i >= 1 includes its PatchMerging)."""
         x = self.patch_embed(images if self.dtype is None else images.astype(self.dtype))
         outs = []
@@ -253,42 +255,13 @@ class SwinTransformer(nnx.Module):
             outs.append(x)
         return outs
 
-    def features(self, images: jax.Array, *, norm: bool = True) -> list[jax.Array]:
-        """Per-stage NHWC maps (56/28/14/7 at 224), in stage order, for feature distillation.
+    def final_norm(self, last: jax.Array) -> jax.Array:
+        return self.norm(last)
 
-        Follows timm's ``forward_intermediates``: stages 0-2 are the raw stage outputs; ``norm``
-        applies the final LayerNorm to the last map only, which then equals ``forward_features``
-        (the 7x7x768 map the classifier pools). Default True, so that the single-stage FD target
-        is the teacher's final representation; ``norm=False`` gives timm's default raw output.
-        """
-        maps = self.stage_outputs(images)
-        if norm:
-            maps[-1] = self.norm(maps[-1])
-        return maps
-
-    def forward_features(self, images: jax.Array) -> jax.Array:
-        """Final NHWC map after the final LayerNorm (timm's ``forward_features``)."""
-        return self.norm(self.stage_outputs(images)[-1])
-
-    def head_from_features(self, normed_map: jax.Array) -> jax.Array:
-        """Global average pool of the normed final map -> ``head.fc``; float32 logits."""
-        pooled = layers.global_avg_pool(normed_map)
-        return (pooled if self.head is None else self.head(pooled)).astype(jnp.float32)
-
-    def named_intermediates(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Every intermediate under its timm module name (as in the golden ``.npz``), and logits."""
-        x = self.patch_embed(images if self.dtype is None else images.astype(self.dtype))
-        out: dict[str, jax.Array] = {"patch_embed": x}
-        for i, stage in enumerate(self.layers):
-            x = stage(x)
-            out[f"layers_{i}"] = x
-        out["final_norm"] = self.norm(x)
-        out["pre_logits"] = layers.global_avg_pool(out["final_norm"])
-        out["logits"] = self.head_from_features(out["final_norm"])
-        return out
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.head_from_features(self.forward_features(images))
+    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """Global average pool of the normed final map -> classifier; float32 logits (pooled if ``pre_logits``)."""
+        pooled = layers.global_avg_pool(features)
+        return (pooled if (pre_logits or self.head is None) else self.head(pooled)).astype(jnp.float32)
 
 
 # --- converter hooks -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,7 @@ from flax import nnx
 
 from l2s_jax import layers
 from l2s_jax.models import attention as attn_lib
+from l2s_jax.models.base import Backbone
 from l2s_jax.models.registry import Default, Family, StateDict
 
 LECUN_NORMAL = nnx.initializers.lecun_normal()
@@ -59,7 +60,7 @@ class PatchEmbed(nnx.Module):
         return x.reshape(b, h * w, c)
 
 
-class Attention(nnx.Module):
+class Attention(attn_lib.AttentionLayer):
     """Global multi-head self-attention: fused ``qkv`` Linear, softmax(q k^T / sqrt(d)) v, ``proj``."""
 
     def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, attention_impl: str | None = None,
@@ -95,7 +96,7 @@ class Block(nnx.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nnx.Module):
+class VisionTransformer(Backbone):
     """timm ``VisionTransformer`` with ``global_pool='token'`` on NHWC images."""
 
     torch_params = {"cls_token": ("cls_token", None), "pos_embed": ("pos_embed", None)}
@@ -131,6 +132,7 @@ class VisionTransformer(nnx.Module):
                   attention_impl=attention_impl, dtype=dtype, rngs=rngs)
             for i in range(depth)
         ])
+        self.stage_channels = (embed_dim,) * depth
         self.norm = layers.LayerNorm(embed_dim, eps=1e-6)
         self.head = layers.Linear(embed_dim, num_classes, dtype=dtype, rngs=rngs) if num_classes > 0 else None
 
@@ -147,8 +149,8 @@ class VisionTransformer(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (n, 1, x.shape[-1]))
         return jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
 
-    def block_outputs(self, images: jax.Array) -> list[jax.Array]:
-        """The token sequence after each block, ``(N, 1 + HW, D)`` each, before the final norm."""
+    def forward_stages(self, images: jax.Array) -> list[jax.Array]:
+        """The token sequence after each block (one stage per block), ``(N, 1 + HW, D)``, before the final norm."""
         x = self.embed(images)
         outs = []
         for block in self.blocks:
@@ -156,60 +158,19 @@ class VisionTransformer(nnx.Module):
             outs.append(x)
         return outs
 
-    def forward_features(self, images: jax.Array) -> jax.Array:
-        """Final tokens after the final LayerNorm (timm's ``forward_features``)."""
-        x = self.embed(images)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+    def final_norm(self, last: jax.Array) -> jax.Array:
+        return self.norm(last)
 
-    def tokens_to_map(self, tokens: jax.Array) -> jax.Array:
+    def to_map(self, tokens: jax.Array) -> jax.Array:
         """Drop the class token and reshape the row-major patch tokens to an NHWC map."""
         n, t, d = tokens.shape
         return tokens[:, 1:].reshape(n, self.grid, self.grid, d)
 
-    def features(self, images: jax.Array, *, norm: bool = True, blocks: Sequence[int] | None = None) -> list[jax.Array]:
-        """Patch-token maps ``(N, 14, 14, D)`` for feature distillation, in block order.
-
-        By default one map: the last block's tokens after the final LayerNorm, i.e. what timm's
-        ``forward_features`` returns and the classifier reads (the FD loss whitens the teacher
-        map per token anyway, so the norm only adds its per-channel affine). ``blocks`` picks
-        other block indices (negative counts from the end); as in timm's
-        ``forward_intermediates``, ``norm`` applies the final LayerNorm to every returned map.
-        """
-        depth = len(self.blocks)
-        take = [depth - 1] if blocks is None else sorted({b % depth for b in blocks})
-        x = self.embed(images)
-        maps = []
-        for i, block in enumerate(self.blocks):
-            if i > take[-1]:
-                break
-            x = block(x)
-            if i in take:
-                maps.append(self.tokens_to_map(self.norm(x) if norm else x))
-        return maps
-
-    def head_from_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Linear head on the class token of the normed tokens; float32 logits."""
-        pre_logits = tokens[:, 0]
-        out = pre_logits if self.head is None else self.head(pre_logits)
+    def forward_head(self, features: jax.Array, pre_logits: bool = False) -> jax.Array:
+        """Linear head on the class token of the normed tokens; float32 logits (the class token if ``pre_logits``)."""
+        cls = features[:, 0]
+        out = cls if (pre_logits or self.head is None) else self.head(cls)
         return out.astype(jnp.float32)
-
-    def named_intermediates(self, images: jax.Array) -> dict[str, jax.Array]:
-        """Every intermediate under its timm module name (as in the golden ``.npz``), and logits."""
-        out: dict[str, jax.Array] = {"embed": self.embed(images)}
-        x = out["embed"]
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            out[f"blocks_{i}"] = x
-        out["tokens_pre_norm"] = x
-        out["tokens_post_norm"] = self.norm(x)
-        out["pre_logits"] = out["tokens_post_norm"][:, 0]
-        out["logits"] = self.head_from_tokens(out["tokens_post_norm"])
-        return out
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        return self.head_from_tokens(self.forward_features(images))
 
 
 # --- converter hooks -------------------------------------------------------------------------

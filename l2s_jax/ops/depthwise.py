@@ -43,16 +43,8 @@ import jax.numpy as jnp
 
 Impl = Literal["auto", "direct", "fft", "dft", "shift", "toeplitz"]
 IMPLS = ("direct", "fft", "dft", "shift", "toeplitz")
-_DEFAULT_IMPL: list[str] = ["auto"]
 _HI = jax.lax.Precision.HIGHEST
 Padding = tuple[int, int]
-
-
-def set_default_impl(impl: Impl) -> None:
-    """Set the process-wide implementation used when a layer asks for ``"auto"``."""
-    if impl not in ("auto",) + IMPLS:
-        raise ValueError(f"unknown depthwise impl {impl!r}; choose one of {('auto',) + IMPLS}")
-    _DEFAULT_IMPL[0] = impl
 
 
 def resolve_impl(impl: str, height: int, width: int, kh: int, kw: int) -> str:
@@ -74,8 +66,6 @@ def resolve_impl(impl: str, height: int, width: int, kh: int, kw: int) -> str:
       NCHW transposes. SLaK-T stages, forward: 56x56 K51 fft 69 / dft 96; 28x28 K49 dft
       39 / fft 66; 14x14 K47 dft 12 / fft 30; 7x7 K13 dft 3.5 / fft 16 / shift 11.
     """
-    if impl == "auto":
-        impl = _DEFAULT_IMPL[0]
     if impl != "auto":
         if impl not in IMPLS:
             raise ValueError(f"unknown depthwise impl {impl!r}; choose one of {IMPLS}")
