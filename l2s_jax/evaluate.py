@@ -285,6 +285,15 @@ def _num_classes_of(name: str, overrides: Mapping[str, Any], params: Mapping[str
     raise ValueError(f"cannot find the classifier of {name} in the saved parameters")
 
 
+def _unwrap_values(tree: Any) -> Any:
+    """A saved ``nnx.State`` (``{..., "kernel": {"value": x}}``) as a pure dict (``{"kernel": x}``)."""
+    if isinstance(tree, Mapping):
+        if set(tree) == {"value"}:
+            return tree["value"]
+        return {k: _unwrap_values(v) for k, v in tree.items()}
+    return tree
+
+
 def load_workdir_student(workdir: str | os.PathLike, *, use_ema: bool = False) -> Any:
     """The final student (or its EMA) of a ``python -m l2s_jax.main`` workdir, in eval mode."""
     import orbax.checkpoint as ocp
@@ -299,8 +308,14 @@ def load_workdir_student(workdir: str | os.PathLike, *, use_ema: bool = False) -
         workdir / "checkpoints").is_dir() else []
     if not steps:
         raise FileNotFoundError(f"training workdir {workdir} has no checkpoints/<step>/ yet")
-    with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(workdir / "checkpoints" / str(steps[-1]) / "state")
+    import jax
+
+    path = workdir / "checkpoints" / str(steps[-1]) / "state"
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as ckptr:  # onto one device, whatever mesh the run was saved from
+        meta = ckptr.metadata(path).item_metadata.tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+        state = _unwrap_values(ckptr.restore(path, target))
     params, stats = (state["ema_params"], state["ema_batch_stats"]) if use_ema else (state["params"],
                                                                                      state["batch_stats"])
     if use_ema and params is None:
