@@ -452,6 +452,11 @@ def main(argv: list[str]) -> None:
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``l2s-train`` console entry point (same as ``python -m l2s_jax.main``)."""
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,4 +1,4 @@
-"""Robustness evaluation (Table 7); see :mod:`l2s_jax.evaluate` for benchmarks, protocols and outputs."""
+"""``l2s_jax.evaluate``'s command line from a checkout (installed: see setup.py's console scripts)."""
 import sys
 from pathlib import Path
 

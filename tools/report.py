@@ -1,4 +1,4 @@
-"""The paper's result tables (Tables 1-5, 7, 10-12) from workdirs; see :mod:`l2s_jax.report`."""
+"""``l2s_jax.report``'s command line from a checkout (installed: see setup.py's console scripts)."""
 import sys
 from pathlib import Path
 
