@@ -227,6 +227,8 @@ def benchmark_splits(benchmark: str, path: str, *, data_dir: str | None = None,
         base = path[5:] or "imagenet2012_corrupted"
         for c in known:
             for s in SEVERITIES:
+                if not (Path(default_data_dir(data_dir)) / base / f"{c}_{s}").is_dir():
+                    continue
                 try:
                     tfds_builder(f"{base}/{c}_{s}", data_dir)
                 except FileNotFoundError:

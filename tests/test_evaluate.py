@@ -248,3 +248,87 @@ def test_evaluate_cli_scratch_model_partial_c_unknown_folder_and_max_images(tmp_
     bad = _run_cli([*SCRATCH, "--imagenet-a", str(trees["a"]), "--out", str(tmp_path / "o2")])
     assert bad.returncode == 2 and "not_a_wnid is not an ImageNet-1k WordNet id" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def _stand_in(name: str, data_dir: Path, splits: dict[str, list[tuple[bytes, int]]], config: str | None = None) -> None:
+    """A prepared TFDS build of ``name`` (same name, version and features), without TensorFlow."""
+    import tensorflow_datasets as tfds
+
+    with tfds.core.registered.skip_registration():
+
+        class StandIn(tfds.core.GeneratorBasedBuilder):
+            VERSION = tfds.core.Version(tfds.builder_cls(name).VERSION)
+            BUILDER_CONFIGS = [tfds.core.BuilderConfig(
+                name=config, version=tfds.builder_cls(name).builder_configs[config].version)] if config else []
+            code_path = data_dir / "stand_in.py"
+
+            def _info(self):
+                return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                    "image": tfds.features.Image(encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(num_classes=1000)}))
+
+            def _split_generators(self, dl_manager):
+                return {s: self._generate_examples(s) for s in splits}
+
+            def _generate_examples(self, split):
+                for i, (data, label) in enumerate(splits[split]):
+                    yield f"{split}{i}", {"image": data, "label": label}
+
+        StandIn.name = name
+    StandIn(data_dir=str(data_dir), config=config, file_format="array_record").download_and_prepare()
+
+
+def test_evaluate_cli_tfds_builds(tmp_path):
+    """tfds: paths read prepared ArrayRecord builds; numbers equal a direct forward."""
+    import io
+
+    from l2s_jax.models import create
+
+    rng = np.random.default_rng(3)
+
+    def images(n: int, size: tuple[int, int], classes=CLASSES) -> list[tuple[bytes, int]]:
+        out = []
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG")
+            out.append((buf.getvalue(), int(classes[i % len(classes)])))
+        return out
+
+    data = tmp_path / "tfds"
+    built = {"imagenet2012": images(3, (70, 60)), "imagenet_a": images(3, (64, 80)),
+             "imagenet_r": images(3, (80, 64)), "imagenet_sketch": images(3, (66, 66))}
+    for name, recs in built.items():
+        _stand_in(name, data, {"validation" if name == "imagenet2012" else "test": recs})
+    cells = {"fog_1": images(2, (224, 224)), "saturate_3": images(2, (224, 224))}
+    for cfg, recs in cells.items():
+        _stand_in("imagenet2012_corrupted", data, {"validation": recs}, config=cfg)
+    out = tmp_path / "out"
+    proc = _run_cli([*SCRATCH, "--imagenet-val", "tfds:", "--imagenet-c", "tfds:", "--imagenet-a", "tfds:",
+                     "--imagenet-r", "tfds:imagenet_r", "--imagenet-sketch", "tfds:", "--data-dir", str(data),
+                     "--batch-size", "8", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = json.loads((out / "robustness.json").read_text())["models"]["convnext_tiny_bn"]
+    model = create("convnext_tiny_bn", seed=0, dims=[8, 8, 16, 16], depths=[1, 1, 1, 1])
+    model.eval()
+    apply = jit_apply(model)
+
+    def acc(recs, transform, subset=None, k=1):
+        x = np.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for b, _ in recs])
+        lg = np.asarray(apply(x), np.float64)
+        if subset is not None:
+            lg = np.where(np.isin(np.arange(1000), subset), lg, -np.inf)
+        top = np.argsort(-lg, axis=1, kind="stable")[:, :k]
+        labels = np.asarray([y for _, y in recs])
+        return 100.0 * float(np.sum(np.any(top == labels[:, None], axis=1))) / len(recs)
+
+    std = EvalTransform(224, 0.875)
+    assert entry["clean_top1"] == pytest.approx(acc(built["imagenet2012"], std), abs=1e-9)
+    assert entry["clean_top5"] == pytest.approx(acc(built["imagenet2012"], std, k=5), abs=1e-9)
+    assert entry["imagenet_a_top1"] == pytest.approx(acc(built["imagenet_a"], std, IMAGENET_A_CLASSES), abs=1e-9)
+    assert entry["imagenet_r_top1"] == pytest.approx(acc(built["imagenet_r"], std, IMAGENET_R_CLASSES), abs=1e-9)
+    assert entry["imagenet_sketch_top1"] == pytest.approx(acc(built["imagenet_sketch"], std), abs=1e-9)
+    c = entry["imagenet_c"]
+    assert c["corruptions"]["fog"]["errors"] == pytest.approx(
+        [100.0 - acc(cells["fog_1"], ev.CropNormalize()), None, None, None, None])
+    assert c["corruptions"]["saturate"]["errors"][2] == pytest.approx(100.0 - acc(cells["saturate_3"], ev.CropNormalize()))
+    assert "mce" not in c and len(c["missing"]) == 74
