@@ -218,6 +218,11 @@ def benchmark_splits(benchmark: str, path: str, *, data_dir: str | None = None,
             records = _tfds_records(name, data_dir, split)
         else:
             records = _folder_records(Path(path))
+            outside = sorted({records.classes[y] for y in set(records.labels.tolist())} -
+                             {imagenet_wnids()[i] for i in (subset or range(1000))})
+            if outside:
+                raise ValueError(f"{path}/{outside[0]} is not one of the 200 {benchmark} classes (is this the right "
+                                 f"dataset? {len(outside)} such folder(s))")
         return [Split(benchmark, _limit(records, max_images), standard, subset)]
     splits = []
     known = IMAGENET_C_CORRUPTIONS + IMAGENET_C_EXTRA_CORRUPTIONS

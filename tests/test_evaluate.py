@@ -77,6 +77,12 @@ def test_wnid_index_and_unknown_folder(tmp_path):
     (tmp_path / "cats").mkdir()
     with pytest.raises(ValueError, match="cats is not an ImageNet-1k WordNet id"):
         ev.check_wnid_folders(tmp_path)
+    a_root = tmp_path / "a"
+    _jpeg(a_root / wnids[6] / "x.JPEG", np.random.default_rng(0), (8, 8))
+    assert ev.benchmark_splits("imagenet_a", str(a_root))[0].records.labels.tolist() == [6]
+    _jpeg(a_root / wnids[0] / "y.JPEG", np.random.default_rng(0), (8, 8))  # tench: not an ImageNet-A class
+    with pytest.raises(ValueError, match=f"{wnids[0]} is not one of the 200 imagenet_a classes"):
+        ev.benchmark_splits("imagenet_a", str(a_root))
 
 
 def test_label_subset_restricts_argmax():
