@@ -339,6 +339,42 @@ def load_workdir_student(workdir: str | os.PathLike, *, use_ema: bool = False) -
     return model
 
 
+def transfer_weights(source: Any, target: Any, name: str, kwargs: Mapping[str, Any]) -> None:
+    """Copy every parameter and statistic of ``source`` into ``target`` except the classifier.
+
+    The classifier is what depends on ``num_classes`` (found by building ``name`` with 1000 and
+    1001 classes); any other missing or mismatched entry is an error listing them all.
+    """
+    import jax
+    from flax import nnx
+
+    from l2s_jax.models import create
+
+    def flat(tree: Any) -> dict[str, Any]:
+        return {jax.tree_util.keystr(k, simple=True, separator="/"): v
+                for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def shapes(n: int) -> dict[str, Any]:
+        return flat(nnx.state(nnx.eval_shape(lambda: create(name, **{**kwargs, "num_classes": n})), weights).to_pure_dict())
+
+    weights = nnx.Not(nnx.RngState)
+    a, b = shapes(1000), shapes(1001)
+    head = {k for k in a if np.shape(a[k]) != np.shape(b[k])}
+    src, dst = flat(nnx.state(source, weights).to_pure_dict()), flat(nnx.state(target, weights).to_pure_dict())
+    bad = sorted(f"{k} {np.shape(src.get(k))} -> {np.shape(v)}" if k in src else f"{k} (missing)"
+                 for k, v in dst.items() if k not in head and (k not in src or np.shape(src[k]) != np.shape(v)))
+    if bad:
+        raise ValueError(f"config.init: {len(bad)} parameter(s) do not fit {name}: " + "; ".join(bad))
+    state = nnx.state(target, weights)
+    pure = state.to_pure_dict()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    new = [leaf if jax.tree_util.keystr(k, simple=True, separator="/") in head else
+           np.asarray(src[jax.tree_util.keystr(k, simple=True, separator="/")]) for k, leaf in leaves]
+    state.replace_by_pure_dict(jax.tree_util.tree_unflatten(treedef, new))
+    nnx.update(target, state)
+    print(f"config.init: loaded {len(dst) - len(head)} arrays, fresh classifier ({', '.join(sorted(head))})")
+
+
 def load_model(path: str | os.PathLike, *, use_ema: bool = False) -> Any:
     """A converted checkpoint (``spec.json``) or a training workdir (``config.json`` + checkpoints)."""
     from l2s_jax.models import load_pretrained

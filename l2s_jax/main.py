@@ -79,6 +79,10 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int, num_devic
                   teacher_channels: list[int] | None) -> train.DistillStudent:
     """The student of ``config.model`` (+ FD projectors to ``teacher_channels``)."""
     model = create(config.model.name, seed=config.seed, **_student_kwargs(config, num_classes))
+    if config.init:
+        from l2s_jax.evaluate import load_model, transfer_weights
+
+        transfer_weights(load_model(config.init), model, config.model.name, _student_kwargs(config, num_classes))
     layers.set_bn_stat_groups(model, config.model.bn_stat_groups or num_devices)
     layers.set_depthwise_impl(model, config.model.depthwise_impl)
     projector = None

@@ -107,8 +107,11 @@ def create_optimizer(optim: Mapping[str, Any], schedule: Schedule) -> optax.Grad
         tx = optax.adamw(schedule, **kwargs)
     elif optim["name"] == "lamb":
         tx = optax.lamb(schedule, **kwargs)
+    elif optim["name"] == "sgd":  # PyTorch SGD: coupled L2 weight decay, heavy-ball momentum
+        tx = optax.chain(optax.add_decayed_weights(optim["weight_decay"], mask=weight_decay_mask),
+                         optax.sgd(schedule, momentum=optim.get("momentum", 0.9) or None))
     else:
-        raise ValueError(f"config.optim.name: unknown optimizer {optim['name']!r}; expected 'adamw' or 'lamb'")
+        raise ValueError(f"config.optim.name: unknown optimizer {optim['name']!r}; expected 'adamw', 'lamb' or 'sgd'")
     if optim["clip_grad_norm"]:
         tx = optax.chain(optax.clip_by_global_norm(optim["clip_grad_norm"]), tx)
     return tx

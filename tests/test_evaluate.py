@@ -256,22 +256,24 @@ def test_evaluate_cli_scratch_model_partial_c_unknown_folder_and_max_images(tmp_
     assert "Traceback" not in bad.stderr
 
 
-def _stand_in(name: str, data_dir: Path, splits: dict[str, list[tuple[bytes, int]]], config: str | None = None) -> None:
+def _stand_in(name: str, data_dir: Path, splits: dict[str, list[tuple[bytes, int]]], config: str | None = None,
+              num_classes: int = 1000, fmt: str = "jpeg") -> None:
     """A prepared TFDS build of ``name`` (same name, version and features), without TensorFlow."""
     import tensorflow_datasets as tfds
 
+    registered = tfds.builder_cls(name)  # outside skip_registration: legacy builders register on import
     with tfds.core.registered.skip_registration():
 
         class StandIn(tfds.core.GeneratorBasedBuilder):
-            VERSION = tfds.core.Version(tfds.builder_cls(name).VERSION)
+            VERSION = tfds.core.Version(registered.VERSION)
             BUILDER_CONFIGS = [tfds.core.BuilderConfig(
-                name=config, version=tfds.builder_cls(name).builder_configs[config].version)] if config else []
+                name=config, version=registered.builder_configs[config].version)] if config else []
             code_path = data_dir / "stand_in.py"
 
             def _info(self):
                 return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                    "image": tfds.features.Image(encoding_format="jpeg"),
-                    "label": tfds.features.ClassLabel(num_classes=1000)}))
+                    "image": tfds.features.Image(encoding_format=fmt),
+                    "label": tfds.features.ClassLabel(num_classes=num_classes)}))
 
             def _split_generators(self, dl_manager):
                 return {s: self._generate_examples(s) for s in splits}
