@@ -57,6 +57,11 @@ def test_finetune_cifar10_from_converted_checkpoint(tmp_path, capsys):
     assert "config.init: loaded" in capsys.readouterr().out
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert summary["distilled_top1"] == result["top1"] and 0 <= result["top1"] <= 100
+    from l2s_jax import report
+
+    assert report.main([str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0  # Table 12
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert f"| {ckpt} | {result['top1']:.2f} | - |" in md and "Table 12" in md
 
     # every non-head weight started from the checkpoint: step-0 student == golden except the head
     student = main.build_student(c, 10, 1, None).model
