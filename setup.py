@@ -24,13 +24,20 @@ setup(
         "safetensors>=0.4",
         "matplotlib>=3.8",
         "tqdm",
-        "clu",
+        "tensorboardX>=2.6",
+        "papermill>=2.6",
     ],
     extras_require={
         # Running the test suite (CPU only).
-        "test": ["pytest>=8", "nbformat>=5", "nbclient>=0.10", "ipykernel>=6"],
+        "test": ["pytest>=8", "nbformat>=5", "ipykernel>=6", "tbparse>=0.0.9"],
         # Optional live comparisons against PyTorch and the PyTorch side of the benchmarks.
         "torch": ["torch>=2.4"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "l2s-train=l2s_jax.main:cli",
+        "l2s-convert=l2s_jax.cli.convert_weights:main",
+        "l2s-erf=l2s_jax.cli.erf:main",
+        "l2s-evaluate=l2s_jax.evaluate:main",
+        "l2s-report=l2s_jax.report:main",
+    ]},
 )

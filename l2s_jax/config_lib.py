@@ -66,8 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mixup = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0)
     c.optim = dict(
         name="adamw", lr=4e-3, lr_base_batch_size=4096, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-        min_lr=1e-6, warmup_epochs=20.0, clip_grad_norm=0.0,
+        min_lr=1e-6, warmup_epochs=20.0, clip_grad_norm=0.0, momentum=0.9,  # momentum: sgd only
     )
+    c.init = ""                    # checkpoint or workdir whose weights start the student (fresh head)
     c.ema_decay = 0.9999           # 0 disables the EMA
     c.batch_size = 4096            # global
     c.accum_steps = 1              # micro-batches per step (gradient accumulation)

@@ -640,23 +640,6 @@ def write_outputs(
 # ----------------------------------------------------------------------------- notebook
 
 
-def inject_parameters(nb: Any, parameters: Mapping[str, Any]) -> Any:
-    """Papermill-style: a cell tagged ``injected-parameters`` right after the ``parameters`` cell.
-
-    Values must round-trip through ``repr`` (numbers, strings, lists, dicts, None, bools).
-    """
-    import nbformat
-
-    index = next((i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
-    if index is None:
-        raise ValueError("the notebook has no cell tagged 'parameters'")
-    nb.cells = [c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
-    source = "# Parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in parameters.items())
-    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
-    nb.cells.insert(index + 1, cell)
-    return nb
-
-
 def run_notebook(
     path: str | os.PathLike,
     parameters: Mapping[str, Any],
@@ -666,14 +649,15 @@ def run_notebook(
     kernel_name: str = "python3",
     cwd: str | os.PathLike | None = None,
 ) -> Path:
-    """Execute a notebook headless with ``parameters`` injected; write the executed copy to ``out``.
+    """Execute a notebook headless through papermill; write the executed copy to ``out``.
 
-    ``out`` is a ``.ipynb`` path or a directory (the notebook's file name is used). Cells run in
-    ``cwd`` (default: the notebook's folder). Raises nbclient's ``CellExecutionError`` (with the
-    failing cell's traceback) if a cell fails; the partly executed notebook is still written.
+    papermill injects ``parameters`` as a cell tagged ``injected-parameters`` right after the
+    cell tagged ``parameters``. ``out`` is a ``.ipynb`` path or a directory (the notebook's file
+    name is used). Cells run in ``cwd`` (default: the notebook's folder). A failing cell raises
+    papermill's ``PapermillExecutionError`` (with its traceback); the partly executed notebook is
+    still written.
     """
-    import nbformat
-    from nbclient import NotebookClient
+    import papermill
 
     src = Path(path)
     if not src.is_file():
@@ -682,11 +666,7 @@ def run_notebook(
     if target.suffix != ".ipynb":
         target = target / src.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    nb = inject_parameters(nbformat.read(src, as_version=4), parameters)
-    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
-                            resources={"metadata": {"path": str(cwd or src.parent)}})
-    try:
-        client.execute()
-    finally:
-        nbformat.write(nb, target)
+    papermill.execute_notebook(str(src), str(target), parameters=dict(parameters), kernel_name=kernel_name,
+                               cwd=str(cwd or src.parent), execution_timeout=timeout, progress_bar=False,
+                               log_output=False)
     return target

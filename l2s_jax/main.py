@@ -122,6 +122,11 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int, num_devic
     policy = Policy(compute_dtype=config.model.dtype, depthwise_impl=config.model.depthwise_impl,
                     bn_stat_groups=config.model.bn_stat_groups or num_devices)
     model = create(config.model.name, seed=config.seed, policy=policy, **_student_kwargs(config, num_classes))
+    if config.init:
+        from l2s_jax.evaluate import load_model, transfer_weights
+
+        with _user_errors():
+            transfer_weights(load_model(config.init), model, config.model.name, _student_kwargs(config, num_classes))
     projector = None
     if teacher_channels:
         student_channels = train.feature_channels(model, len(teacher_channels))
@@ -757,6 +762,11 @@ def main(argv: list[str]) -> None:
         sys.exit(PREEMPTED_EXIT)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``l2s-train`` console entry point (same as ``python -m l2s_jax.main``)."""
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -107,8 +107,11 @@ def create_optimizer(optim: Mapping[str, Any], schedule: Schedule) -> optax.Grad
         tx = optax.adamw(schedule, **kwargs)
     elif optim["name"] == "lamb":
         tx = optax.lamb(schedule, **kwargs)
+    elif optim["name"] == "sgd":  # PyTorch SGD: coupled L2 weight decay, heavy-ball momentum
+        tx = optax.chain(optax.add_decayed_weights(optim["weight_decay"], mask=weight_decay_mask),
+                         optax.sgd(schedule, momentum=optim.get("momentum", 0.9) or None))
     else:
-        raise ValueError(f"config.optim.name: unknown optimizer {optim['name']!r}; expected 'adamw' or 'lamb'")
+        raise ValueError(f"config.optim.name: unknown optimizer {optim['name']!r}; expected 'adamw', 'lamb' or 'sgd'")
     if optim["clip_grad_norm"]:
         tx = optax.chain(optax.clip_by_global_norm(optim["clip_grad_norm"]), tx)
     return tx
@@ -314,15 +317,20 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state_shardings: Any, teacher_
 
 # --- evaluation ------------------------------------------------------------------------------
 
-def make_eval_step(graph: nnx.GraphDef, top_k: int = 5) -> Callable[..., dict[str, jax.Array]]:
+def make_eval_step(graph: nnx.GraphDef, top_k: int = 5,
+                   label_subset: Sequence[int] | None = None) -> Callable[..., dict[str, jax.Array]]:
     """Pure ``(states, batch) -> sums`` of correct top-1/top-k predictions over ``batch['mask']``.
 
     ``states`` is the tuple of ``nnx.State`` parts that ``graph`` merges (e.g. params, RNG
-    template and stats of the student, or the single state of a teacher).
+    template and stats of the student, or the single state of a teacher). ``label_subset``
+    restricts the logits to those classes before ranking (ImageNet-A/R's 200 of 1000).
     """
+    keep = None if label_subset is None else np.asarray(label_subset, np.int32)
 
     def eval_step(states: tuple[nnx.State, ...], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         logits = nnx.merge(graph, *states)(batch["images"]).astype(jnp.float32)
+        if keep is not None:
+            logits = jnp.full_like(logits, -jnp.inf).at[:, keep].set(logits[:, keep])
         labels = batch["labels"]
         mask = batch["mask"].astype(jnp.float32)
         k = min(top_k, logits.shape[-1])
@@ -330,7 +338,7 @@ def make_eval_step(graph: nnx.GraphDef, top_k: int = 5) -> Callable[..., dict[st
         hit1 = (top[:, 0] == labels).astype(jnp.float32)
         hitk = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
         loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
-        return {"correct1": (hit1 * mask).sum(), "correctk": (hitk * mask).sum(), "loss_sum": (loss * mask).sum(),
+        return {"correct1": (hit1 * mask).sum(), "correctk": (hitk * mask).sum(), "loss_sum": jnp.where(mask > 0, loss, 0.0).sum(),
                 "count": mask.sum()}
 
     return eval_step

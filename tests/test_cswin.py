@@ -15,7 +15,7 @@ from conftest import assert_close_to_reference
 from l2s_jax.convert import convert_checkpoint, convert_state_dict, detect_families, resolve_config
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.io.torch_state import load_state_dict
-from l2s_jax.models import attention, create, cswin, get_family, load_pretrained, read_spec
+from l2s_jax.models import create, cswin, get_family, load_pretrained, read_spec
 from l2s_jax.models.policy import Policy, apply_policy
 from test_vit import (abstract_outputs, assert_drop_path_modes, assert_matches_manifest, drop_path_rates,
                       jit_pure, manifest_state_dict, nhwc, params_of, random_model, randomize,

@@ -275,13 +275,31 @@ def create_eval_iterator(
     Yields ``{"images": float32 [L, S, S, 3], "labels": int32 [L], "mask": bool [L]}``; padding
     rows have ``mask`` False. Every process yields ``ceil(N / global_batch_size)`` batches.
     """
-    index, count, local_batch = _process_layout(global_batch_size, process_index, process_count)
     opened = open_source(data_cfg, _eval_split(data_cfg, split))
-    num_examples = len(opened.records)
+    return eval_batches(opened.records, eval_transform(data_cfg, opened), data_cfg, global_batch_size=global_batch_size,
+                        process_index=process_index, process_count=process_count)
+
+
+def eval_batches(
+    records: Any,
+    transform: Any,
+    data_cfg: Any,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """:func:`create_eval_iterator` over any random-access ``records`` and per-image ``transform``.
+
+    ``transform`` maps a decoded image to a float32 (size, size, 3) array and has ``size``;
+    ``data_cfg`` supplies only num_workers / prefetch / num_threads.
+    """
+    index, count, local_batch = _process_layout(global_batch_size, process_index, process_count)
+    num_examples = len(records)
     steps = math.ceil(num_examples / global_batch_size)
     element = EvalExample(
-        records=opened.records,
-        transform=eval_transform(data_cfg, opened),
+        records=records,
+        transform=transform,
         num_examples=num_examples,
         global_batch=global_batch_size,
         local_batch=local_batch,

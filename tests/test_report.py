@@ -1,0 +1,88 @@
+"""tools/report.py on a real (short) demo run, and evaluate.py's training-workdir loading."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from l2s_jax import evaluate, main, report
+from l2s_jax.data import pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """Teacher from scratch, CE baseline and NKD student on the demo, 2 steps each."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_main import _demo_config
+
+    root = tmp_path_factory.mktemp("demo")
+    main.train_and_evaluate(_demo_config(root / "tfds", steps=2), root / "nkd")
+    return root / "nkd"
+
+
+def test_report_cli_on_demo_workdir(demo_run, tmp_path):
+    summary = json.loads((demo_run / "summary.json").read_text())
+    rob = tmp_path / "rob.json"
+    rob.write_text(json.dumps({"models": {"m": {"clean_top1": 70.0, "imagenet_a_top1": 5.5,
+                                                "imagenet_c": {"mce": 60.25}}}, "protocol": {}}))
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), "--glob", str(demo_run.parent / "*"),
+                           "--robustness", str(rob), "--out", str(out)], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.reader((out / "report.csv").open()))
+    assert rows[0] == list(report.COLUMNS)
+    row = dict(zip(rows[0], rows[1]))
+    direct = summary["distilled_top1"] - summary["baseline_top1"]
+    assert row["Direct Gain"] == f"{direct:.2f}" and row["method"] == "NKD" and row["kernel size"] == "15x15"
+    assert row["Effective Gain"] == f"{100 * direct / summary['teacher_top1']:.2f}"
+    assert row["teacher top-1"] == f"{summary['teacher_top1']:.2f}" and row["type"] == "CNN"
+    md = (out / "report.md").read_text()
+    assert "| m | 70.00 | 60.25 | - | - | 5.50 |" in md
+    assert (out / "direct_gain.png").stat().st_size > 5000
+    again = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(demo_run), "--out", str(out)],
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_paper_experiment_is_matched():
+    spec = importlib.util.spec_from_file_location("_p", REPO / "configs" / "paper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = json.loads(module.get_config("table=1,student=convnext_t,teacher=slak_t").to_json_best_effort())
+    row = report.distillation_row(Path("run"), {"teacher_top1": 82.5, "baseline_top1": 81.0,
+                                                "distilled_top1": 82.0}, config)
+    assert row["table"] == 1 and row["paper distilled top-1"] == 82.17
+    assert row["paper Direct Gain"] == pytest.approx(1.17) and row["kernel size"] == "51x51"
+    assert row["Direct Gain"] == pytest.approx(1.0) and row["Effective Gain"] == pytest.approx(100 / 82.5)
+    t10 = json.loads(module.get_config("table=10,teacher=vit_s").to_json_best_effort())
+    assert report.paper_experiments()[report._signature(t10)]["table"] == 10
+    assert report.teacher_kind(t10) == ("Transformer", "-")
+
+
+def test_evaluate_loads_training_workdir_student_and_ema(demo_run):
+    """The final student / EMA of a workdir reproduce the top-1 the trainer recorded."""
+    import ml_collections
+
+    result = json.loads((demo_run / "result.json").read_text())
+    config = ml_collections.ConfigDict(json.loads((demo_run / "config.json").read_text()))
+    opened = pipeline.open_source(config.data, "test")
+    split = evaluate.Split("demo", opened.records, pipeline.eval_transform(config.data, opened))
+    for use_ema, key in ((False, "student_top1"), (True, "ema_top1")):
+        model = evaluate.load_model(demo_run, use_ema=use_ema)
+        out = evaluate.evaluate_split(model, split, batch_size=config.eval_batch_size)
+        assert out["top1"] == result[key] and out["count"] == len(opened.records)
+    with pytest.raises(FileNotFoundError, match="neither a converted checkpoint"):
+        evaluate.load_model(demo_run / "checkpoints")

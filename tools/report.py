@@ -1,0 +1,10 @@
+"""``l2s_jax.report``'s command line from a checkout (installed: see setup.py's console scripts)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from l2s_jax.report import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
