@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from l2s_jax.cli import parse_named_dirs
 from l2s_jax.data.sources import (
     IMAGENET_A_CLASSES,
     IMAGENET_C_CORRUPTIONS,
@@ -587,25 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _named_paths(items: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = Path(item.rstrip("/")).name, item
-        if not name or not path or name in out:
-            raise ValueError(f"--checkpoint expects distinct NAME=DIR, got {item!r}")
-        out[name] = path
-    return out
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate every model on every given benchmark and write the outputs."""
     import jax
 
     from l2s_jax.models import create, list_models
 
-    checkpoints = _named_paths(args.checkpoint)
+    checkpoints = parse_named_dirs(args.checkpoint)
     unknown = [m for m in args.model if m not in list_models()]
     if unknown:
         raise ValueError(f"unknown --model {unknown[0]!r}; known: {', '.join(list_models())}")

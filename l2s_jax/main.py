@@ -179,7 +179,7 @@ def evaluate(eval_fn: Any, states: tuple[Any, ...], config: ml_collections.Confi
     for batch in pipeline.create_eval_iterator(config.data, global_batch_size=config.eval_batch_size):
         out = eval_fn(states, pipeline.shard_batch(batch, mesh))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
+    sums = train.to_host(sums)
     n = max(float(sums["count"]), 1.0)
     return {"top1": 100.0 * float(sums["correct1"]) / n, "top5": 100.0 * float(sums["correctk"]) / n,
             "loss": float(sums["loss_sum"]) / n}
@@ -306,7 +306,7 @@ class PreemptionGuard:
 def _nonfinite_report(pending: list[tuple[int, dict[str, Any]]]) -> tuple[int, list[str]] | None:
     """The first step of ``pending`` whose loss or gradient norm is not finite, with those terms."""
     for step, metrics in pending:
-        m = jax.device_get(metrics)
+        m = train.to_host(metrics)
         if m["nonfinite"] > 0:
             terms = [f"{k}={float(v):g}" for k, v in m.items()
                      if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)]
@@ -395,7 +395,7 @@ def setup_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *
         teacher_graph, teacher_state = nnx.split(teacher)
         teacher_sh = train.tree_shardings(teacher_state, mesh, fsdp=config.sharding.fsdp_teacher,
                                           min_size=config.sharding.fsdp_min_size)
-        teacher_state = jax.device_put(teacher_state, teacher_sh)
+        teacher_state = train.put_global(teacher_state, teacher_sh)
 
     student = build_student(config, num_classes, mesh.size, teacher_channels)
     student_def, params, stats = train.split_student(student)
@@ -408,7 +408,7 @@ def setup_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *
         train.make_train_step(student_def, teacher_graph, optimizer, schedule, _step_config(config, num_classes),
                               mesh=mesh, grad_shardings=state_sh.params),
         mesh, state_sh, teacher_sh)
-    return Training(jax.device_put(state, state_sh), step_fn, jax.jit(train.make_eval_step(student_def.eval_graph)),
+    return Training(train.put_global(state, state_sh), step_fn, jax.jit(train.make_eval_step(student_def.eval_graph)),
                     student_def, teacher_state)
 
 
@@ -435,7 +435,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, teacher: nnx.Mod
     manager = ocp.CheckpointManager(workdir / "checkpoints", options=options)
     state, train_iter = _restore(manager, state, train_iter, workdir)
     writer = metric_io.MetricWriter(workdir, just_logging=not _is_lead())
-    start = int(jax.device_get(state.step))
+    start = int(train.to_host(state.step))
     eval_every = int(round(config.eval_every_epochs * steps_per_epoch))
     _say(f"{workdir}: {config.model.label or config.model.name} ({method.display_name}), {total} steps of "
          f"{config.batch_size} images ({steps_per_epoch} per epoch), {mesh.size} devices")
@@ -467,7 +467,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, teacher: nnx.Mod
         if bad is None:
             return
         if config.nan_policy == "skip":
-            skipped += sum(int(jax.device_get(m["nonfinite"])) for _, m in fresh)
+            skipped += sum(int(train.to_host(m["nonfinite"])) for _, m in fresh)
             return
         last = manager.latest_step()
         good = f"step {last} in {ckpt_dir}" if last is not None else "none yet"
@@ -489,7 +489,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, teacher: nnx.Mod
                     pending, tick, tick_step = [], time.time(), step
                 if pending and (step % config.log_every_steps == 0 or step == total):
                     check_finite()
-                    means = {k: float(np.mean([m[k] for _, m in jax.device_get(pending)])) for k in pending[0][1]}
+                    means = {k: float(np.mean([m[k] for _, m in train.to_host(pending)])) for k in pending[0][1]}
                     per_step = (time.time() - tick) / (step - tick_step)
                     means["images_per_sec"] = config.batch_size / per_step
                     means["skipped_updates"] = float(skipped)
@@ -526,7 +526,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, teacher: nnx.Mod
     manager.close()
     params = state.ema_params if key == "ema" else state.params
     stats = state.ema_batch_stats if key == "ema" else state.batch_stats
-    trained = nnx.merge(student_def.eval_graph, jax.device_get(params), student_def.rng_state, jax.device_get(stats))
+    trained = nnx.merge(student_def.eval_graph, train.to_host(params), student_def.rng_state, train.to_host(stats))
     return result, trained.model
 
 

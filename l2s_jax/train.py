@@ -66,6 +66,32 @@ def tree_shardings(tree: Any, mesh: Mesh, *, fsdp: bool = False, min_size: int =
     return jax.tree.map(one, tree)
 
 
+def put_global(tree: Any, shardings: Any) -> Any:
+    """Host (or process-local) values -> global ``jax.Array`` s laid out as ``shardings``.
+
+    Unlike ``jax.device_put`` this works when the mesh spans several processes (each process
+    holds the same values and fills its own shards); PRNG keys stay typed keys.
+    """
+
+    def one(x: Any, sharding: NamedSharding) -> jax.Array:
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = one(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays (replicated or sharded, on any number of processes) -> numpy on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ``data``."""
     return NamedSharding(mesh, P(DATA))

@@ -26,23 +26,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from l2s_jax.cli import parse_named_dirs
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_NOTEBOOK = REPO_ROOT / "notebooks" / "erf_probing.ipynb"
-
-
-def parse_named_dirs(items: list[str]) -> dict[str, str]:
-    """``NAME=DIR`` or ``DIR`` (named after the folder) -> ordered ``{name: dir}``."""
-    out: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep:
-            name, path = Path(item.rstrip("/")).name, item
-        if not name or not path:
-            raise ValueError(f"--checkpoint expects NAME=DIR or DIR, got {item!r}")
-        if name in out:
-            raise ValueError(f"two checkpoints are named {name!r}; use NAME=DIR to tell them apart")
-        out[name] = path
-    return out
 
 
 def check_checkpoint_dirs(dirs: dict[str, str]) -> None:
