@@ -46,7 +46,7 @@ CASES = {
     "mobilenetv3": ("mobilenetv3", "timm_mobilenetv3/mobilenetv3_mini.pth", [],
                     lambda r: [nhwc(r[f"blocks_{i}"]) for i in (1, 2, 4, 6)]),
     "vit": ("vit", "timm_vit/vit_mini.pth", ["--override", "num_heads=3"],
-            lambda r: [tokens_to_map(r["tokens_post_norm"][:, 1:])]),
+            lambda r: [tokens_to_map(r["blocks_0"][:, 1:]), tokens_to_map(r["tokens_post_norm"][:, 1:])]),
     "swin": ("swin", "timm_swin/swin_mini.pth", [],
              lambda r: [r["layers_0"], r["layers_1"], r["layers_2"], r["final_norm"]]),
     "cswin": ("cswin", "cswin/cswin_mini.pth", ["--override", "num_heads=[2,2,4,6]"],

@@ -176,12 +176,15 @@ def test_sigterm_and_sigkill_then_the_same_command_resumes_exactly(tmp_path, dat
     assert again.returncode == 0 and f"resumed from step {stopped}" in again.stdout, again.stderr[-2000:]
     _assert_identical(expected, _final(run, STEPS))
 
-    # SIGKILL at a random step: the last complete checkpoint is resumed, same final parameters.
+    # SIGKILL twice, at random steps (seeded), each re-run resuming from the last complete
+    # checkpoint: the same final parameters.
     run = tmp_path / "kill"
-    proc = _start([*args, "--workdir", str(run)], tmp_path)
-    _wait_for_step(proc, random.Random(0).randint(5, STEPS - 2))
-    proc.kill()
-    proc.communicate(timeout=60)
+    rng = random.Random(0)
+    for low, high in ((3, 6), (7, STEPS - 1)):
+        proc = _start([*args, "--workdir", str(run)], tmp_path)
+        _wait_for_step(proc, rng.randint(low, high))
+        proc.kill()
+        proc.communicate(timeout=60)
     complete = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
     again = subprocess.run([sys.executable, "-m", "l2s_jax.main", *args, "--workdir", str(run)], cwd=tmp_path,
                            env=cli_env(), capture_output=True, text=True, timeout=300)

@@ -47,8 +47,8 @@ def teachers(tmp_path_factory) -> dict[str, Path]:
 def test_family_pairs_distil_through_main(student, teacher, method, settings, data_dir, teachers, tmp_path):
     name, overrides = FAMILY_MODELS[student]
     config = demo_config(data_dir)
-    config.model.update(name=name, label=student, overrides=overrides, dtype=settings.get("student_dtype", "float32"),
-                        depthwise_impl="auto")
+    config.model.update(name=name, label=student, dtype=settings.get("student_dtype", "float32"), depthwise_impl="auto")
+    config.model.overrides = overrides  # replaces the demo student's (update() would merge them)
     with_teacher(config, teachers[teacher])
     config.teacher.update(dtype=settings.get("teacher_dtype", "float32"),
                           param_dtype=settings.get("teacher_param_dtype", "float32"))

@@ -118,6 +118,13 @@ def read_spec(ckpt_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _uncommitted(x: jax.Array) -> jax.Array:
+    """``x`` as a fresh array on the default device that jit may place anywhere (keys stay keys)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_uncommitted(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jnp.asarray(np.asarray(x))
+
+
 def load_pretrained(ckpt_dir: str | Path, *, eval_mode: bool = True, policy: Any = None) -> nnx.Module:
     """Rebuild a converted model from ``ckpt_dir`` (``spec.json`` + Orbax state), in eval mode, run by ``policy``.
 
@@ -138,7 +145,7 @@ def load_pretrained(ckpt_dir: str | Path, *, eval_mode: bool = True, policy: Any
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(ckpt_dir / STATE_DIR, abstract)
     graphdef, state = nnx.split(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
+    nnx.replace_by_pure_dict(state, jax.tree.map(_uncommitted, restored))
     model = nnx.merge(graphdef, state)
     if eval_mode:
         model.eval()
