@@ -365,7 +365,8 @@ def transfer_weights(source: Any, target: Any, name: str, kwargs: Mapping[str, A
     bad = sorted(f"{k} {np.shape(src.get(k))} -> {np.shape(v)}" if k in src else f"{k} (missing)"
                  for k, v in dst.items() if k not in head and (k not in src or np.shape(src[k]) != np.shape(v)))
     if bad:
-        raise ValueError(f"config.init: {len(bad)} parameter(s) do not fit {name}: " + "; ".join(bad))
+        more = f"; ... and {len(bad) - 12} more" if len(bad) > 12 else ""
+        raise ValueError(f"config.init: {len(bad)} parameter(s) do not fit {name}: " + "; ".join(bad[:12]) + more)
     state = nnx.state(target, weights)
     pure = state.to_pure_dict()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)

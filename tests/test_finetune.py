@@ -73,5 +73,5 @@ def test_finetune_cifar10_from_converted_checkpoint(tmp_path, capsys):
     assert len(same) == len(s) - 2 and all("head" in k for k in set(s) - set(same))
 
     bad = _config(f"dataset=cifar10,init={ckpt},size=32")  # default widths do not fit the checkpoint
-    with pytest.raises(ValueError, match=r"config.init: \d+ parameter\(s\) do not fit convnext_tiny_bn: "):
+    with pytest.raises(main.RunError, match=r"config.init: \d+ parameter\(s\) do not fit convnext_tiny_bn: "):
         main.build_student(bad, 10, 1, None)
