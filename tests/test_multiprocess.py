@@ -49,8 +49,12 @@ def _finish(procs: list[subprocess.Popen]) -> list[str]:
 
 
 def _params(workdir: Path) -> list[np.ndarray]:
+    path = workdir / "checkpoints" / str(STEPS) / "state"
+    local = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # saved by 2 processes' devices
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(workdir / "checkpoints" / str(STEPS) / "state")
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+                              ckptr.metadata(path).item_metadata)
+        state = ckptr.restore(path, target)
     return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 
 
