@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from l2s_jax.ops import depthwise as dw
-from l2s_jax.ops.depthwise import IMPLS, depthwise_conv2d, merge_kernels, resolve_impl
+from l2s_jax.ops.depthwise import (IMPLS, chosen_impl, depthwise_conv2d, effective_kernel_size, merge_kernels,
+                                   resolve_impl)
 
 FAST_IMPLS = [i for i in IMPLS if i != "direct"]
 
@@ -115,6 +116,16 @@ def test_impl_selection():
     with pytest.raises(ValueError):
         resolve_impl("winograd", 8, 8, 3, 3)
     assert resolve_impl("auto", 56, 56, 7, 7) in FAST_IMPLS
+
+
+def test_effective_kernel_and_chosen_impl():
+    """The static helpers agree with what depthwise_conv2d crops and runs."""
+    assert effective_kernel_size((14, 14), (47, 47)) == (27, 27)  # SLaK-T stage 3
+    assert effective_kernel_size((7, 7), (13, 13)) == (13, 13)
+    assert effective_kernel_size((14, 7), (47, 5), (23, 2)) == (27, 5)
+    assert effective_kernel_size((8, 8), (3, 3), (0, 0)) == (3, 3)
+    assert chosen_impl("auto", (14, 14), (47, 47)) == resolve_impl("auto", 14, 14, 27, 27)
+    assert chosen_impl("fft", (14, 14), (47, 47)) == "fft"
 
 
 def test_merge_kernels_equals_sum_of_branches():

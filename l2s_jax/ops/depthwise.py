@@ -133,15 +133,41 @@ def _circular_length(n: int, k: int, p: int) -> int:
     return max(n + p, out + k - 1 - p, k, out)
 
 
+def _crop_taps(n: int, k: int, p: int) -> int:
+    """Taps to drop from each end of a kernel axis that never touch the unpadded input.
+
+    Tap ``a`` reads ``x[i + a - p]`` for output ``i`` in ``[0, out)``; cropping is symmetric
+    so the output size is unchanged.
+    """
+    out = _out_size(n, k, p)
+    lo = max(0, p - out + 1)
+    hi = min(k, p + n)
+    return max(0, min(lo, k - hi))
+
+
+def effective_kernel_size(map_size: tuple[int, int], kernel_size: tuple[int, int],
+                          padding: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Kernel extents after dropping the taps that can never touch the map (what runs).
+
+    E.g. SLaK-T's 47x47 kernel on a 14x14 map is a 27x27 one. ``padding`` None is 'same'.
+    """
+    pads = (kernel_size[0] // 2, kernel_size[1] // 2) if padding is None else padding
+    return tuple(k - 2 * _crop_taps(n, k, p) for n, k, p in zip(map_size, kernel_size, pads))
+
+
+def chosen_impl(impl: str, map_size: tuple[int, int], kernel_size: tuple[int, int],
+                padding: tuple[int, int] | None = None) -> str:
+    """The implementation :func:`depthwise_conv2d` runs for these static sizes (``auto`` resolved)."""
+    kh, kw = effective_kernel_size(map_size, kernel_size, padding)
+    return resolve_impl(impl, map_size[0], map_size[1], kh, kw)
+
+
 def _crop_kernel(kernel: jax.Array, padding: Padding, size: tuple[int, int]) -> tuple[jax.Array, Padding]:
     """Drop taps that never touch the unpadded input (kernels larger than the map); exact."""
     pads = list(padding)
     for axis in (0, 1):
         k, p, n = kernel.shape[axis], pads[axis], size[axis]
-        out = _out_size(n, k, p)
-        lo = max(0, p - out + 1)  # tap a reads x[i + a - p] for output i in [0, out)
-        hi = min(k, p + n)
-        t = min(lo, k - hi)  # crop symmetrically so the output size is unchanged
+        t = _crop_taps(n, k, p)
         if t > 0:
             kernel = jax.lax.slice_in_dim(kernel, t, k - t, axis=axis)
             pads[axis] = p - t
