@@ -194,14 +194,36 @@ def test_eval_on_demo_uses_every_test_example(demo_dir):
     assert counts.tolist() == [10, 10, 10, 10]
 
 
-def test_worker_processes_give_the_same_batches(demo_dir):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_processes_give_the_same_batches(demo_dir, workers):
+    """Workers (batches stacked into shared memory) give the in-process batches exactly."""
     cfg, aug = data_config(data_dir=demo_dir), aug_config()
     expected = take(pipeline.create_train_iterator(cfg, aug, global_batch_size=8, seed=2), 3)
-    it = pipeline.create_train_iterator(data_config(data_dir=demo_dir, num_workers=2), aug, global_batch_size=8, seed=2)
+    it = pipeline.create_train_iterator(data_config(data_dir=demo_dir, num_workers=workers), aug,
+                                        global_batch_size=8, seed=2)
     try:
         assert_batches_equal(take(it, 3), expected)
     finally:
         it.close()
+
+
+def test_eval_worker_gives_the_same_batches(demo_dir):
+    expected = list(pipeline.create_eval_iterator(data_config(data_dir=demo_dir), global_batch_size=16))
+    got = list(pipeline.create_eval_iterator(data_config(data_dir=demo_dir, num_workers=1), global_batch_size=16))
+    assert len(got) == len(expected) == 3
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_train_examples_are_the_unbatched_stream(demo_dir):
+    cfg, aug = data_config(data_dir=demo_dir), aug_config()
+    batch = take(pipeline.create_train_iterator(cfg, aug, global_batch_size=4, seed=2, process_index=1,
+                                                process_count=2), 1)[0]
+    examples = pipeline.train_examples(cfg, aug, seed=2, process_index=1, process_count=2)
+    np.testing.assert_array_equal(np.stack([examples[i]["images"] for i in range(2)]), batch["images"])
+    np.testing.assert_array_equal([examples[i]["labels"] for i in range(2)], batch["labels"])
 
 
 def test_shard_batch_builds_global_array_over_8_devices():
