@@ -227,6 +227,12 @@ class Result:
     error: str = ""
 
 
+def _error_text(e: BaseException) -> str:
+    """The exception's type and first line, short enough for the report."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
 Runner = Callable[[int], None]  # run ``n`` calls back to back and wait for the last
 
 
@@ -328,7 +334,7 @@ def measure(runners: dict[str, Runner], repeats: int, max_seconds: float, target
             run(1)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         except Exception as e:  # noqa: BLE001 - reported per cell, the run goes on
-            results[name] = Result(status="err", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            results[name] = Result(status="err", error=_error_text(e))
             continue
         if wall > max_seconds:
             results[name] = Result(wall * 1e3, cpu * 1e3, over_budget=True)
@@ -553,12 +559,15 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         runners[impl] = jax_runner(shape, impl, mode, batch, args.dtype)
                     except Exception as e:  # noqa: BLE001 - e.g. out of memory while compiling
-                        results[impl] = Result(status="err", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                        results[impl] = Result(status="err", error=_error_text(e))
             if torch_device:
                 if "torch" in over:
                     results["torch"] = Result(status="skip")
                 else:
-                    runners["torch"] = torch_runner(shape, mode, batch, args.dtype, torch_device)
+                    try:
+                        runners["torch"] = torch_runner(shape, mode, batch, args.dtype, torch_device)
+                    except Exception as e:  # noqa: BLE001 - e.g. CUDA out of memory
+                        results["torch"] = Result(status="err", error=_error_text(e))
             results.update(measure(runners, repeats, args.max_seconds, args.target_ms, backend == "cpu", stat))
             over |= {k for k, r in results.items() if r.over_budget}
             row = Row(shape, use, mode, auto, {k: results[k] for k in [*impls, "torch"] if k in results})

@@ -21,9 +21,10 @@ images whose ``mask`` is False, so every process runs ``ceil(N / G)`` steps and 
 is counted exactly once.
 
 Config fields read (``data_cfg``): name, data_dir, train_split, eval_split, image_size,
-eval_crop_pct, num_workers, prefetch; optional: num_threads (in-process prefetch threads,
-default 1), mean / std (default ImageNet's), eval_interpolation (bicubic), and for the demo
-demo_image_size / demo_num_train / demo_num_test / demo_seed. ``aug_cfg``: rrc_scale,
+eval_crop_pct, num_workers, prefetch; optional: num_threads (prefetch threads of the process
+computing batches: default 1 without workers, 0 in workers), mean / std (default ImageNet's),
+eval_interpolation (bicubic), and for the demo demo_image_size / demo_num_train /
+demo_num_test / demo_seed. ``aug_cfg``: rrc_scale,
 rrc_ratio, hflip, auto_augment, reprob, remode, interpolation, recount (absent -> timm default).
 
 Worker processes (``num_workers > 0``) are spawned by grain and only run numpy/PIL code: they
@@ -196,11 +197,16 @@ class EvalExample:
 
 
 def _read_options(data_cfg: Any) -> grain.ReadOptions:
-    """Threads and buffer of the in-process prefetch (each element is a whole batch)."""
+    """Threads and buffer of the in-process prefetch (each element is a whole batch).
+
+    With worker processes this runs inside each worker, whose output queue already prefetches:
+    the default is then no thread, so a batch stacked into shared memory goes straight to that
+    queue, which grain unlinks on close (a thread's buffer would leak its blocks until exit).
+    """
     prefetch = int(data_cfg.get("prefetch", 2))
     threads = data_cfg.get("num_threads", None)
     if threads is None:
-        threads = 1 if prefetch > 0 else 0
+        threads = 1 if prefetch > 0 and int(data_cfg.get("num_workers", 0)) == 0 else 0
     return grain.ReadOptions(num_threads=int(threads), prefetch_buffer_size=max(prefetch, int(threads)))
 
 
