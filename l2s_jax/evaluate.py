@@ -655,6 +655,9 @@ def protocol(paths: Mapping[str, str], args: argparse.Namespace) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     """Entry point; one-line error and exit status 2 on bad input."""
     args = build_parser().parse_args(argv)
+    from l2s_jax import compile_cache
+
+    compile_cache.enable()
     try:
         run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from l2s_jax import config_lib, losses, metric_io, train
+from l2s_jax import compile_cache, config_lib, losses, metric_io, train
 from l2s_jax.data import pipeline
 from l2s_jax.models import create, load_pretrained, pretrained, registry, save_pretrained
 from l2s_jax.models.policy import Policy, apply_policy
@@ -750,6 +750,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(**explicit)
         _say(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
              f"{jax.local_device_count()} local / {jax.device_count()} global devices")
+    compile_cache.enable()
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
                            resume_changed=flags.FLAGS.resume_changed_config)

@@ -243,27 +243,42 @@ def _ema(old: Any, new: Any, decay: float) -> Any:
     return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), old, new)
 
 
-def make_train_step(
+@dataclasses.dataclass(frozen=True)
+class StepParts:
+    """The pure pieces of one train step, in the order it runs them (the benchmark times each).
+
+    * ``mix(images, labels, key) -> (images, soft_targets)``: Mixup/CutMix (identity without it).
+    * ``teacher(teacher_state, images) -> (logits, feats)``: frozen, eval mode, no gradient.
+    * ``loss(params, stats, images, targets, t_logits, t_feats, key) -> (loss, (parts, stats))``:
+      the student forward (train mode) and the distillation loss; differentiate w.r.t. ``params``.
+    * ``update(state, grads, stats, parts) -> (state, metrics)``: optimizer, EMA, metrics and the
+      non-finite guard.
+    """
+
+    mix: Callable[..., tuple[jax.Array, jax.Array]]
+    teacher: Callable[..., tuple[jax.Array | None, list[jax.Array]]]
+    loss: Callable[..., tuple[jax.Array, tuple[dict[str, jax.Array], nnx.State]]]
+    update: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_step_parts(
     student_def: StudentDef,
     teacher_graph: nnx.GraphDef | None,
     optimizer: optax.GradientTransformation,
     schedule: Schedule,
     cfg: StepConfig,
-    *,
-    mesh: Mesh | None = None,
-    grad_shardings: Any = None,
-) -> Callable[[TrainState, nnx.State | None, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure train step ``(state, teacher_state, batch) -> (state, metrics)`` (jit it).
-
-    ``batch`` holds ``images`` [B, H, W, 3] float32 and int ``labels`` [B]. With ``mesh`` the
-    micro-batches stay spread over all devices; ``grad_shardings`` (the params' shardings)
-    keeps accumulated gradients FSDP-sharded.
-    """
+) -> StepParts:
+    """The :class:`StepParts` of ``cfg`` (see :func:`make_train_step` for how they compose)."""
     mixup = dict(cfg.mixup)
     method = cfg.method
     fd_stages = method.feature_stages
     if method.uses_teacher and teacher_graph is None:
         raise ValueError(f"method {method.name!r} needs a teacher")
+
+    def mix(images: jax.Array, labels: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if not mixup:
+            return images, labels
+        return mixup_cutmix(images, labels, key, num_classes=cfg.num_classes, **mixup)
 
     def teacher_forward(teacher_state: nnx.State, images: jax.Array) -> tuple[jax.Array | None, list[jax.Array]]:
         if not method.uses_teacher:
@@ -284,17 +299,52 @@ def make_train_step(
                                                teacher_feats=t_feats or None)
         return loss, (parts, nnx.state(student, STATS))
 
+    def update(state: TrainState, grads: Any, stats: nnx.State, parts: dict[str, jax.Array]):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(params=params, batch_stats=stats, opt_state=opt_state)
+        if state.ema_params is not None:
+            new = new.replace(ema_params=_ema(state.ema_params, params, cfg.ema_decay),
+                              ema_batch_stats=_ema(state.ema_batch_stats, stats, cfg.ema_decay))
+        metrics = {f"loss_{name}" if name != "total" else "loss": v.mean() for name, v in parts.items()}
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss or gradient never reaches the state: the update is dropped (the loop
+        # then stops or counts it, as config.nan_policy says).
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics.update(lr=schedule(state.step), grad_norm=grad_norm, nonfinite=1 - finite.astype(jnp.int32))
+        return new.replace(step=state.step + 1), metrics
+
+    return StepParts(mix=mix, teacher=teacher_forward, loss=loss_fn, update=update)
+
+
+def make_train_step(
+    student_def: StudentDef,
+    teacher_graph: nnx.GraphDef | None,
+    optimizer: optax.GradientTransformation,
+    schedule: Schedule,
+    cfg: StepConfig,
+    *,
+    mesh: Mesh | None = None,
+    grad_shardings: Any = None,
+) -> Callable[[TrainState, nnx.State | None, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step ``(state, teacher_state, batch) -> (state, metrics)`` (jit it).
+
+    ``batch`` holds ``images`` [B, H, W, 3] float32 and int ``labels`` [B]. With ``mesh`` the
+    micro-batches stay spread over all devices; ``grad_shardings`` (the params' shardings)
+    keeps accumulated gradients FSDP-sharded.
+    """
+    part = make_step_parts(student_def, teacher_graph, optimizer, schedule, cfg)
+
     def train_step(state: TrainState, teacher_state: nnx.State | None, batch: dict[str, jax.Array]):
         key = jax.random.fold_in(jax.random.key(cfg.seed), state.step)
         mix_key, drop_key = jax.random.split(key)
-        images, targets = batch["images"], batch["labels"]
-        if mixup:
-            images, targets = mixup_cutmix(images, targets, mix_key, num_classes=cfg.num_classes, **mixup)
+        images, targets = part.mix(batch["images"], batch["labels"], mix_key)
         k = cfg.accum_steps
 
         def micro_step(stats, x, y, j):
-            t_logits, t_feats = teacher_forward(teacher_state, x)
-            (_, (parts, stats)), g = jax.value_and_grad(loss_fn, has_aux=True)(
+            t_logits, t_feats = part.teacher(teacher_state, x)
+            (_, (parts, stats)), g = jax.value_and_grad(part.loss, has_aux=True)(
                 state.params, stats, x, y, t_logits, t_feats, jax.random.fold_in(drop_key, j))
             return g, stats, parts
 
@@ -313,20 +363,7 @@ def make_train_step(
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             (grads, stats, _), parts = jax.lax.scan(accumulate, (zeros, state.batch_stats, 0), micro)
             grads = jax.tree.map(lambda g: g / k, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = state.replace(params=params, batch_stats=stats, opt_state=opt_state)
-        if state.ema_params is not None:
-            new = new.replace(ema_params=_ema(state.ema_params, params, cfg.ema_decay),
-                              ema_batch_stats=_ema(state.ema_batch_stats, stats, cfg.ema_decay))
-        metrics = {f"loss_{name}" if name != "total" else "loss": v.mean() for name, v in parts.items()}
-        grad_norm = optax.global_norm(grads)
-        # A non-finite loss or gradient never reaches the state: the update is dropped (the loop
-        # then stops or counts it, as config.nan_policy says).
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics.update(lr=schedule(state.step), grad_norm=grad_norm, nonfinite=1 - finite.astype(jnp.int32))
-        return new.replace(step=state.step + 1), metrics
+        return part.update(state, grads, stats, parts)
 
     return train_step
 

@@ -5,16 +5,16 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Identical programs compiled by different tests (e.g. the same model converted twice) are
-# compiled once: a persistent cache keyed by the program, outside the repository.
-jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "l2s_jax_test_jit_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+from l2s_jax import compile_cache  # noqa: E402
+
+# The same persistent compilation cache as the commands (user-level, $L2S_COMPILE_CACHE): the
+# CLIs the tests start use it too, so a second run of the suite compiles little; an empty cache
+# (CI) only costs time.
+compile_cache.enable()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("L2S_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden")).resolve()

@@ -32,15 +32,6 @@ def test_zoo_shapes_are_traced_from_the_models():
     assert tool.Shape(1, 14, 14, 499, 47, 47, 23, 23, 1).flops(2) == 2 * 2 * 14 * 14 * 499 * 27 * 27
 
 
-def test_peak_table():
-    tool = _tool()
-    assert tool.device_peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.0
-    assert tool.device_peak_tflops("NVIDIA H200", "float32") == 67.0
-    assert tool.device_peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
-    assert tool.device_peak_tflops("NVIDIA A100-SXM4-40GB", "float32") == 19.5
-    assert tool.device_peak_tflops("cpu", "float32") is None
-
-
 def test_one_shape_cpu_run(tmp_path):
     out = tmp_path / "dw.csv"
     r = run_tool("benchmark_depthwise.py", "--shapes", "convnext_tiny", "--limit", "1", "--batch", "1",

@@ -53,6 +53,7 @@ from flax import nnx  # noqa: E402
 
 from l2s_jax import layers  # noqa: E402
 from l2s_jax.models import registry  # noqa: E402
+from l2s_jax.flops import device_peak_tflops  # noqa: E402
 from l2s_jax.ops.depthwise import IMPLS, chosen_impl, depthwise_conv2d, effective_kernel_size  # noqa: E402
 
 # Families whose models have depthwise convolutions; "_mini" models are test-sized.
@@ -61,26 +62,6 @@ ALIASES = {"teacher": ("slak_tiny",), "student": ("convnext_tiny",)}
 CPU_DEFAULT_SHAPES = "slak_tiny,convnext_tiny"
 TRACE_SIZE = 224
 MODES = ("fwd", "fwdbwd")
-# Dense peak TFLOP/s (bfloat16 tensor core, float32 non-tensor) by device-kind substring, first
-# match wins. Sources: NVIDIA H100 Tensor Core GPU datasheet (SXM: BF16 989.4 dense / 1979 with
-# sparsity, FP32 67; PCIe: 756 / 51), NVIDIA H200 datasheet (same compute as H100 SXM), NVIDIA
-# A100 datasheet (BF16 312 dense, FP32 19.5, SXM and PCIe).
-PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
-    ("H100 PCIe", 756.0, 51.0),
-    ("H100", 989.0, 67.0),
-    ("H200", 989.0, 67.0),
-    ("A100", 312.0, 19.5),
-)
-
-
-def device_peak_tflops(device_kind: str, dtype: str) -> float | None:
-    """Dense peak TFLOP/s of ``device_kind`` for ``dtype`` (``bfloat16``/``float32``), None if unknown."""
-    for key, bf16, fp32 in PEAK_TFLOPS:
-        if key.lower() in device_kind.lower():
-            return bf16 if dtype == "bfloat16" else fp32
-    return None
-
-
 # ----------------------------------------------------------------------------- shapes
 
 
@@ -587,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             print_table(f"% of the {kind} dense {args.dtype} peak ({peak:g} TFLOP/s)", rows, cols, impls, batch,
                         lambda row, r: 100 * row.flops(batch) / (r.wall_ms * 1e-3) / (peak * 1e12), "{:.2f}", None)
         else:
-            print(f"\n% of peak: '-' (no peak known for device kind {kind!r}; add it to PEAK_TFLOPS)")
+            print(f"\n% of peak: '-' (no peak known for device kind {kind!r}; add it to l2s_jax/flops.py PEAK_TFLOPS)")
     if backend == "cpu":
         print_table("process CPU ms per call (all threads; steadier on a shared machine)", rows, cols, impls, batch,
                     lambda row, r: r.cpu_ms, "{:.2f}", "cpu_ms")

@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     args = build_parser().parse_args(argv)
+    from l2s_jax import compile_cache
+
+    compile_cache.enable()
     try:
         with warnings.catch_warnings():
             # One line per warning, on its own line even under a running progress bar.

@@ -1,0 +1,87 @@
+"""JAX's persistent compilation cache, on by default for every l2s_jax command.
+
+A compiled program (the train step, the eval step, an ERF probe) is written to a cache folder
+keyed by the program, the JAX/XLA versions and the compile options, so re-running a command, a
+resumed run or the test suite loads it instead of compiling again.
+
+Where (first match wins):
+
+* ``L2S_COMPILE_CACHE=off`` (or ``0``, ``none``, empty): no persistent cache.
+* ``L2S_COMPILE_CACHE=DIR``: that folder.
+* ``JAX_COMPILATION_CACHE_DIR`` (JAX's own setting), when the user set it: left as it is.
+* otherwise ``$XDG_CACHE_HOME/l2s_jax/xla/<host>`` (default ``~/.cache/l2s_jax/xla/<host>``),
+  where ``<host>`` names the CPU model and instruction set (a CPU executable is only valid on
+  the kind of CPU it was compiled for; home folders are often shared across machines).
+
+The folder only ever holds compiled programs: deleting it at any time is safe (the next run
+compiles again); it is capped at 4 GiB, least recently used programs first. A folder that cannot be created disables the cache with a warning; it never
+stops a run.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import jax
+
+ENV = "L2S_COMPILE_CACHE"
+_OFF = ("", "0", "off", "none", "false", "no")
+# Programs that compile faster than this are not worth a file (eager ops, small helpers).
+MIN_COMPILE_SECS = 0.1
+# Least recently used programs are evicted beyond this size.
+MAX_BYTES = 4 * 2**30
+
+
+def host_tag() -> str:
+    """``<arch>-<hash of the CPU model and feature flags>``: one cache per kind of CPU."""
+    info = platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info += "".join(sorted({ln for ln in lines if ln.split(":")[0].strip() in ("model name", "flags")}))
+    except OSError:
+        info += platform.processor()
+    return f"{platform.machine()}-{hashlib.sha256(info.encode()).hexdigest()[:12]}"
+
+
+def default_dir() -> Path:
+    """The user-level cache folder for this kind of machine."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "l2s_jax" / "xla" / host_tag()
+
+
+def resolve_dir(setting: str | None = None) -> Path | None:
+    """The folder :func:`enable` would use for ``setting`` (default: ``$L2S_COMPILE_CACHE``); None = off."""
+    setting = os.environ.get(ENV) if setting is None else setting
+    if setting is not None:
+        return None if setting.strip().lower() in _OFF else Path(setting).expanduser()
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]).expanduser()
+    return default_dir()
+
+
+def enable(setting: str | None = None) -> Path | None:
+    """Turn the persistent compilation cache on (see the module docstring); returns its folder or None.
+
+    Call before the first compilation. ``setting`` overrides ``$L2S_COMPILE_CACHE`` (a folder or
+    ``"off"``).
+    """
+    folder = resolve_dir(setting)
+    if folder is None:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        warnings.warn(f"compilation cache disabled: cannot create {folder} ({e.strerror}); "
+                      f"set {ENV}=DIR to a writable folder or {ENV}=off", stacklevel=2)
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    return folder
