@@ -124,7 +124,7 @@ def run_torch(model_name: str, size: int, count: int, batch: int) -> dict:
 def _child(framework: str, model: str, args: argparse.Namespace) -> dict | str:
     cmd = [sys.executable, __file__, "--child", framework, "--models", model, "--size", str(args.size),
            "--images", str(args.images), "--batch-size", str(args.batch_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:50]}"
