@@ -249,16 +249,50 @@ class BatchContribution:
     central_points: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _probe_step(graphdef: nnx.GraphDef, feature_index: int, state: nnx.State, images: jax.Array,
-                valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _probe_step_impl(graphdef: nnx.GraphDef, feature_index: int, state: nnx.State, images: jax.Array,
+                     valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`batch_contribution` of ``merge(graphdef, state).features(x)[feature_index]``.
 
-    Jitted at module level with the graph definition static: models of one architecture
-    (e.g. a supervised and a distilled ConvNeXt-T) share one compiled program.
+    Only the input gradient is taken: the parameters are closed over, so no kernel or weight
+    gradient is computed (custom VJPs see them as unperturbed and XLA drops their cotangents).
     """
     model = nnx.merge(graphdef, state)
     return batch_contribution(lambda x: model.features(x)[feature_index], images, valid)
+
+
+# Jitted at module level with the graph definition static: models of one architecture
+# (e.g. a supervised and a distilled ConvNeXt-T) share one compiled program.
+_probe_step = jax.jit(_probe_step_impl, static_argnums=(0, 1))
+
+# XLA:CPU's YNNPACK "reduce" library fusion (on by default in jax 0.10) grows from a
+# LayerNorm's mean into the producing depthwise shift-add and, since it cannot fuse that
+# chain's slices and broadcasts, materialises one full map per tap (49 per 7x7 layer): most of
+# ConvNeXt-T's ERF time at 1024 px. The fast probe compiles without it (dot fusions kept).
+CPU_COMPILER_OPTIONS: dict[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+
+
+@functools.cache
+def _fast_probe_step(backend: str) -> Callable[..., tuple[jax.Array, jax.Array, jax.Array]]:
+    """The probe step with this backend's compiler options (one jitted function per backend)."""
+    options = CPU_COMPILER_OPTIONS if backend == "cpu" else None
+    return jax.jit(_probe_step_impl, static_argnums=(0, 1), compiler_options=options)
+
+
+def fuse_reparameterizable(model: nnx.Module) -> int:
+    """Fold every SLaK large-kernel op of ``model`` into one K x K kernel + bias, in place.
+
+    Exact in eval mode (BatchNorm with running statistics is affine): the 51x5 + 5x51 + 5x5
+    branches and their BatchNorms of SLaK (or the 7x7 conv + BN of the ConvNeXt+BN student)
+    become one depthwise convolution. Returns the number of ops fused (already fused ones count).
+    """
+    from l2s_jax.models.slak import LargeKernel
+
+    ops = [m for _, m in nnx.iter_modules(model) if isinstance(m, LargeKernel)]
+    for m in ops:
+        m.fuse()
+    return len(ops)
 
 
 class ContributionProbe:
@@ -266,17 +300,27 @@ class ContributionProbe:
 
     ``probe(images)`` takes NHWC float32 images, at most ``batch_size`` of them (fewer are
     padded and masked, so every call reuses one compiled program per image size).
+
+    ``fast=True`` (default) probes a re-parameterised view (:func:`fuse_reparameterizable`:
+    SLaK's branches and BatchNorms folded into one kernel per op, exact in eval mode) and, on
+    CPU, compiles with :data:`CPU_COMPILER_OPTIONS`; the map equals the plain path's
+    (``fast=False``: the model's own layers, default compiler options) to float32 round-off.
+    The caller's model is never modified.
     """
 
-    def __init__(self, model: nnx.Module, *, batch_size: int = 4, feature_index: int = -1):
+    def __init__(self, model: nnx.Module, *, batch_size: int = 4, feature_index: int = -1, fast: bool = True):
         if not callable(getattr(model, "features", None)):
             raise TypeError(f"{type(model).__name__} has no features(images) method to probe")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         view = nnx.merge(*nnx.split(model))
         view.eval()
+        if fast:
+            fuse_reparameterizable(view)
         self.batch_size = batch_size
         self.feature_index = feature_index
+        self.fast = fast
+        self.step_fn = _fast_probe_step(jax.default_backend()) if fast else _probe_step
         self._graphdef, self._state = nnx.split(view)
         self._checked: set[tuple[int, ...]] = set()
 
@@ -304,7 +348,7 @@ class ContributionProbe:
             images = jnp.pad(images, ((0, self.batch_size - n), (0, 0), (0, 0), (0, 0)))
         valid = jnp.arange(self.batch_size) < n
         self.check_centre(tuple(images.shape))
-        step = _probe_step(self._graphdef, self.feature_index, self._state, images, valid)
+        step = self.step_fn(self._graphdef, self.feature_index, self._state, images, valid)
         map_sum, used, points = jax.device_get(step)
         return BatchContribution(np.asarray(map_sum), np.asarray(used[:n]), np.asarray(points[:n]))
 
@@ -381,6 +425,7 @@ def contribution_map(
     reduction: Reduction = "mean",
     feature_index: int = -1,
     progress: bool = False,
+    fast: bool = True,
 ) -> np.ndarray:
     """The ``H x W`` float32 ERF contribution map of ``model`` over NHWC ``images``.
 
@@ -389,11 +434,13 @@ def contribution_map(
     summed ReLU of the central position of ``model.features(x)[feature_index]``, ReLU'd and
     summed over channels. ``reduction="mean"`` averages over the images (the authors' saved
     matrix), ``"sum"`` adds them. Images whose map is not finite are skipped, as the authors do.
+    ``fast`` selects the probe's fused view and compiler options (see :class:`ContributionProbe`).
     """
     images = np.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"expected NHWC images, got shape {images.shape}")
-    probe = ContributionProbe(model, batch_size=min(batch_size, len(images)), feature_index=feature_index)
+    probe = ContributionProbe(model, batch_size=min(batch_size, len(images)), feature_index=feature_index,
+                              fast=fast)
     result = accumulate(probe, iter_batches(images, probe.batch_size), progress=progress, total=len(images))
     return result.reduce(reduction)
 
@@ -404,6 +451,7 @@ def compute_erfs(
     *,
     batch_size: int = 1,
     progress: bool = True,
+    fast: bool = True,
 ) -> dict[str, ContributionResult]:
     """:func:`accumulate` for several models on the same images (uint8 or float32 NHWC).
 
@@ -413,7 +461,7 @@ def compute_erfs(
     results = {}
     for name, entry in models.items():
         model = entry if isinstance(entry, nnx.Module) else entry()
-        probe = ContributionProbe(model, batch_size=min(batch_size, len(images)))
+        probe = ContributionProbe(model, batch_size=min(batch_size, len(images)), fast=fast)
         results[name] = accumulate(probe, iter_batches(images, probe.batch_size), progress=progress,
                                    total=len(images), desc=name)
         del model, probe

@@ -74,11 +74,11 @@ def test_batch_images_are_independent_in_eval_mode(golden_cases):
     np.testing.assert_allclose(probe(images).map_sum, singles, rtol=1e-5, atol=1e-6)
     bn = model.stages[0][0].large_kernel.lkb_origin.bn
     running_mean = np.asarray(bn.mean[...])
-    compiled = erf._probe_step._cache_size()
+    compiled = probe.step_fn._cache_size()
     model.train()
     try:
         from_train_mode = erf.ContributionProbe(model, batch_size=2)(images).map_sum
-        assert erf._probe_step._cache_size() == compiled  # the eval view reuses the compiled program
+        assert probe.step_fn._cache_size() == compiled  # the eval view reuses the compiled program
         assert bn.use_running_average is False  # the caller's model keeps its mode
     finally:
         model.eval()
@@ -411,3 +411,20 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert not any(o.get("output_type") == "error" for o in outputs)
     assert math.isfinite(sum(r["area_ratio"] or 0.0 for r in rows))
+
+
+@pytest.mark.parametrize("name", ["slak_tiny", "convnext_tiny_bn", "convnext_tiny"])
+def test_fast_probe_equals_plain_probe(name):
+    """The fused view + CPU compiler options give the plain path's map to float32 round-off."""
+    model = create(name, depths=(1, 1, 1, 1), dims=(16, 24, 32, 40), num_classes=10, seed=3)
+    if name == "slak_tiny":
+        for _, m in nnx.iter_modules(model):  # non-trivial BatchNorm statistics, so folding matters
+            if isinstance(m, layers.BatchNorm):
+                m.mean[...] = jax.random.normal(jax.random.key(1), m.mean.shape) * 0.1
+                m.var[...] = jax.random.uniform(jax.random.key(2), m.var.shape, minval=0.5, maxval=1.5)
+    images = np.asarray(jax.random.normal(jax.random.key(0), (2, 128, 128, 3)))
+    plain = erf.contribution_map(model, images, reduction="sum", fast=False)
+    fast = erf.contribution_map(model, images, reduction="sum", fast=True)
+    assert np.max(plain) > 0
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5 * float(np.max(plain)))
+    assert all(m.lkb_reparam is None for _, m in nnx.iter_modules(model) if isinstance(m, LargeKernel))
