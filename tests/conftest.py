@@ -31,17 +31,6 @@ def golden_dir() -> Path:
     return GOLDEN_DIR
 
 
-def run_tool(script: str, *args: str) -> "subprocess.CompletedProcess":
-    """Run ``tools/<script>`` as a user does (a fresh interpreter on CPU, this checkout on the path)."""
-    import subprocess
-    import sys
-
-    path = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / script), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
-
-
 def assert_close_to_reference(actual, reference, name: str = "", factor: float = 1e-4) -> float:
     """Project parity criterion: max |a - r| <= factor * max(1, max |r|). Returns the error."""
     import numpy as np

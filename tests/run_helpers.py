@@ -1,4 +1,4 @@
-"""Shared pieces of the tests that run ``l2s_jax.main`` at a tiny size: configs, teachers, the CLI."""
+"""Shared pieces of the tests that run ``l2s_jax.main`` and the tools: tiny configs, teachers, subprocesses."""
 from __future__ import annotations
 
 import importlib.util
@@ -67,13 +67,20 @@ def save_teachers(root: Path, families=None) -> dict[str, Path]:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    """The environment of a command as a user runs it: this checkout importable, one CPU device."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
             "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **extra}
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m l2s_jax.main ARGS`` on one CPU device."""
+    """``python -m l2s_jax.main ARGS`` in a fresh interpreter (:func:`cli_env`)."""
     return subprocess.run([sys.executable, "-m", "l2s_jax.main", *args], cwd=cwd, env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_tool(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python tools/<script> ARGS`` in a fresh interpreter (:func:`cli_env`)."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / script), *args], env=cli_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 

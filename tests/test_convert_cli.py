@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import run_tool
+from run_helpers import run_tool
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:

@@ -4,21 +4,16 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from run_helpers import run_tool
 
 from l2s_jax import evaluate, main, report
 from l2s_jax.data import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +33,7 @@ def test_report_cli_on_demo_workdir(demo_run, tmp_path):
     rob.write_text(json.dumps({"models": {"m": {"clean_top1": 70.0, "imagenet_a_top1": 5.5,
                                                 "imagenet_c": {"mce": 60.25}}}, "protocol": {}}))
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), "--glob", str(demo_run.parent / "*"),
-                           "--robustness", str(rob), "--out", str(out)], env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = run_tool("report.py", "--glob", str(demo_run.parent / "*"), "--robustness", str(rob), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.reader((out / "report.csv").open()))
     assert rows[0] == list(report.COLUMNS)
@@ -52,8 +45,7 @@ def test_report_cli_on_demo_workdir(demo_run, tmp_path):
     md = (out / "report.md").read_text()
     assert "| m | 70.00 | 60.25 | - | - | 5.50 |" in md
     assert (out / "direct_gain.png").stat().st_size > 5000
-    again = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(demo_run), "--out", str(out)],
-                           env=_env(), capture_output=True, text=True, timeout=300)
+    again = run_tool("report.py", str(demo_run), "--out", str(out))
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
 
 
