@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import io  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -31,15 +34,27 @@ def golden_dir() -> Path:
     return GOLDEN_DIR
 
 
-def run_tool(script: str, *args: str) -> "subprocess.CompletedProcess":
-    """Run ``tools/<script>`` as a user does (a fresh interpreter on CPU, this checkout on the path)."""
-    import subprocess
-    import sys
+@dataclasses.dataclass(frozen=True)
+class DemoRun:
+    """A finished :func:`run_helpers.full_demo_config` run: its workdir, data, summary and printed progress."""
+    workdir: Path
+    data_dir: Path
+    summary: dict
+    out: str
 
-    path = os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / script), *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """The shortened demo end to end, run once for the tests that read a finished workdir."""
+    from run_helpers import full_demo_config
+
+    from l2s_jax import main
+
+    root = tmp_path_factory.mktemp("demo")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = main.train_and_evaluate(full_demo_config(root / "tfds"), root / "full")
+    return DemoRun(root / "full", root / "tfds", summary, out.getvalue())
 
 
 def assert_close_to_reference(actual, reference, name: str = "", factor: float = 1e-4) -> float:

@@ -1,4 +1,4 @@
-"""Shared pieces of the tests that run ``l2s_jax.main`` at a tiny size: configs, teachers, the CLI."""
+"""Shared pieces of the tests that run ``l2s_jax.main`` and the tools: tiny configs, teachers, subprocesses."""
 from __future__ import annotations
 
 import importlib.util
@@ -24,14 +24,29 @@ FAMILY_MODELS = {
     "cswin": ("cswin_mini", dict(img_size=SIZE, split_size=(1, 2, 2, 1))),
 }
 
-def demo_config(data_dir: Path, arg: str = "steps=2,teacher_steps=2"):
-    """configs/demo.py shrunk to 32 train / 16 test images and batches of 16."""
+def _load_demo_module():
     spec = importlib.util.spec_from_file_location("_demo_cfg_paths", REPO / "configs" / "demo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config(arg)
+    return module
+
+
+def demo_config(data_dir: Path, arg: str = "steps=2,teacher_steps=2"):
+    """configs/demo.py shrunk to 32 train / 16 test images and batches of 16."""
+    c = _load_demo_module().get_config(arg)
     c.data.update(data_dir=str(data_dir), demo_num_train=32, demo_num_test=16)
     c.update(batch_size=16, eval_batch_size=16, checkpoint_every_steps=2, log_every_steps=1, ema_decay=0.0)
+    return c
+
+
+def full_demo_config(data_dir: Path, steps: int = 4):
+    """configs/demo.py end to end (teacher from scratch, baseline, NKD student) on 96 / 40 images, with EMA."""
+    c = _load_demo_module().get_config(f"steps={steps},teacher_steps=4")
+    c.data.update(data_dir=str(data_dir), demo_num_train=96, demo_num_test=40)
+    c.teacher.train.model.overrides.update(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1))
+    c.model.overrides.update(dims=(8, 16, 16, 16))
+    c.update(batch_size=16, eval_batch_size=16, checkpoint_every_steps=2, log_every_steps=2, keep_checkpoints=2,
+             ema_decay=0.9)
     return c
 
 
@@ -67,14 +82,52 @@ def save_teachers(root: Path, families=None) -> dict[str, Path]:
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    """The environment of a command as a user runs it: this checkout importable, one CPU device."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
             "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **extra}
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m l2s_jax.main ARGS`` on one CPU device."""
+    """``python -m l2s_jax.main ARGS`` in a fresh interpreter (:func:`cli_env`)."""
     return subprocess.run([sys.executable, "-m", "l2s_jax.main", *args], cwd=cwd, env=cli_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_tool(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python tools/<script> ARGS`` in a fresh interpreter (:func:`cli_env`)."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / script), *args], env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_main_in_process(*args: str, capsys) -> subprocess.CompletedProcess:
+    """``python -m l2s_jax.main ARGS`` in this process, for its error paths: the flag parsing and
+    ``main`` that ``l2s_jax.main.cli`` hands to absl's ``app.run``, with stdout/stderr captured and
+    ``SystemExit`` as the exit status. Any other exception propagates (a traceback the user would see)."""
+    from absl import flags
+
+    from l2s_jax import main
+
+    argv = ["l2s_jax.main", *args]
+    saved_argv = sys.argv
+
+    def reset() -> None:  # absl's flags are global: forget the previous call's values and --config.* flags
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+
+    reset()
+    capsys.readouterr()
+    code = 0
+    sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
+    try:
+        main.main(main.parse_flags(argv))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        reset()
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

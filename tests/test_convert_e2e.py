@@ -14,7 +14,8 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import assert_close_to_reference, run_tool
+from conftest import assert_close_to_reference
+from run_helpers import run_tool
 from l2s_jax.models import load_pretrained
 
 

@@ -5,12 +5,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from run_helpers import run_tool
 
 from l2s_jax import evaluate as ev
 from l2s_jax.data.sources import IMAGENET_A_CLASSES, IMAGENET_C_CORRUPTIONS, IMAGENET_C_EXTRA_CORRUPTIONS, \
@@ -27,10 +27,6 @@ PUBLISHED_ALEXNET = {
     "frost": 0.826572, "fog": 0.819324, "brightness": 0.564592, "contrast": 0.853204,
     "elastic_transform": 0.646056, "pixelate": 0.717840, "jpeg_compression": 0.606500,
 }
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
 def test_alexnet_constants_match_published_means():
@@ -177,8 +173,7 @@ def _expected(model, trees: dict[str, Path]) -> dict[str, object]:
 
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), *args], env=_env(),
-                          capture_output=True, text=True, timeout=900)
+    return run_tool("evaluate.py", *args, timeout=900)
 
 
 def _check_report(entry: dict, exp: dict) -> None:
@@ -201,9 +196,8 @@ def test_evaluate_cli_golden_checkpoint(tmp_path):
     from l2s_jax.models import load_pretrained
 
     ckpt = tmp_path / "ckpt"
-    conv = subprocess.run([sys.executable, str(REPO / "tools" / "convert_weights.py"), "--arch", "slak", "--src",
-                           str(GOLDEN / "convnext_bn" / "dev_convnext_bn.pth"), "--out", str(ckpt)],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    conv = run_tool("convert_weights.py", "--arch", "slak", "--src", str(GOLDEN / "convnext_bn" / "dev_convnext_bn.pth"),
+                    "--out", str(ckpt))
     assert conv.returncode == 0, conv.stderr
     trees = make_trees(tmp_path / "data")
     out = tmp_path / "out"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from run_helpers import cli_env, demo_cli_args, demo_config, save_teachers, teacher_cli_args, with_teacher
+from run_helpers import cli_env, demo_cli_args, demo_config, run_cli, save_teachers, teacher_cli_args, with_teacher
 
 from l2s_jax import main
 from l2s_jax.data import pipeline
@@ -34,6 +35,14 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     return save_teachers(tmp_path_factory.mktemp("teacher"), ["slak"])["slak"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir, teacher) -> Path:
+    """An uninterrupted in-process run of ``_config``: a checkpoint at every one of its 4 steps."""
+    workdir = tmp_path_factory.mktemp("faults") / "reference"
+    main.train_and_evaluate(_config(data_dir, teacher), workdir)
+    return workdir
 
 
 def _config(data_dir: Path, teacher: Path, steps: int = 4):
@@ -70,10 +79,8 @@ def _interrupt_on_train_batch(monkeypatch, n: int, *, poison: bool = False) -> N
     monkeypatch.setattr(pipeline, "shard_batch", shard)
 
 
-def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_resumed(tmp_path, data_dir, teacher, monkeypatch,
-                                                                         capsys):
-    reference = tmp_path / "reference"
-    main.train_and_evaluate(_config(data_dir, teacher), reference)
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_resumed(tmp_path, data_dir, teacher, reference,
+                                                                         monkeypatch, capsys):
     run = tmp_path / "run"
     _interrupt_on_train_batch(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
@@ -92,15 +99,15 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_resumed(tmp_p
     _assert_identical(_final(reference, 4), _final(run, 4))
 
 
-def test_checkpoints_of_another_model_are_refused_and_kept(tmp_path, data_dir, teacher):
+def test_checkpoints_of_another_model_are_refused_and_kept(tmp_path, data_dir, teacher, reference):
     run = tmp_path / "run"
-    main.train_and_evaluate(_config(data_dir, teacher, steps=2), run)
-    (run / "result.json").unlink()
-    other = _config(data_dir, teacher, steps=2)
+    shutil.copytree(reference, run)
+    (run / "result.json").unlink()  # unfinished: the run would resume from its checkpoints
+    other = _config(data_dir, teacher)
     other.model.overrides.dims = (8, 16, 24, 32)
     with pytest.raises(main.RunError, match="hold another model or optimizer"):
         main.train_and_evaluate(other, run, resume_changed=True)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2"]  # untouched
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["1", "2", "3", "4"]  # untouched
 
 
 def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tmp_path, data_dir, teacher, monkeypatch, capsys):
@@ -145,49 +152,53 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_step(proc: subprocess.Popen, step: int) -> None:
+def _wait_for_step(proc: subprocess.Popen, step: int) -> str:
+    """Read the run's output up to its ``step STEP/`` progress line; returns what was read."""
+    seen = []
     for line in proc.stdout:
+        seen.append(line)
         if line.strip().startswith(f"step {step}/"):
-            return
+            return "".join(seen)
     raise AssertionError(f"the run ended before step {step}: {proc.stderr.read()[-2000:]}")
 
 
-def test_sigterm_and_sigkill_then_the_same_command_resumes_exactly(tmp_path, data_dir, teacher):
+def _complete_steps(workdir: Path) -> list[int]:
+    """The checkpoints a resume can read (Orbax lists only finalized ones, not one cut off mid-write)."""
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(workdir / "checkpoints", options=options) as manager:
+        return list(manager.all_steps())
+
+
+def test_sigkill_then_sigterm_then_the_same_command_resumes_exactly(tmp_path, data_dir, teacher):
+    """One workdir killed (SIGKILL at a seeded random step), re-run and preempted (SIGTERM), re-run
+    to the end: each re-run of the same command resumes, and the final parameters equal an
+    uninterrupted run's."""
     args = demo_cli_args(data_dir, f"steps={STEPS},teacher_steps=2") + teacher_cli_args(teacher) + [
         "--config.checkpoint_every_steps=4"]
-    reference = tmp_path / "reference"
-    done = subprocess.run([sys.executable, "-m", "l2s_jax.main", *args, "--workdir", str(reference)], cwd=tmp_path,
-                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    done = run_cli(*args, "--workdir", str(tmp_path / "reference"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    expected = _final(reference, STEPS)
+    expected = _final(tmp_path / "reference", STEPS)
 
-    # SIGTERM: finish the step, checkpoint it, say so, exit 3; the same command resumes.
-    run = tmp_path / "term"
+    # SIGKILL: no chance to save; the re-run resumes from the last complete checkpoint.
+    run = tmp_path / "run"
+    rng = random.Random(0)
     proc = _start([*args, "--workdir", str(run)], tmp_path)
-    _wait_for_step(proc, 2)
+    _wait_for_step(proc, rng.randint(5, 7))
+    proc.kill()
+    proc.communicate(timeout=60)
+    complete = _complete_steps(run)
+
+    # SIGTERM during the resumed run: finish the step, checkpoint it, say so, exit 3.
+    proc = _start([*args, "--workdir", str(run)], tmp_path)
+    seen = _wait_for_step(proc, 9)
+    assert (f"resumed from step {max(complete)}" in seen) if complete else ("resumed" not in seen), seen
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == main.PREEMPTED_EXIT, err[-2000:]
     stopped = int(err.split("preempted at step ")[1].split(";")[0])
-    assert 2 <= stopped < STEPS and "re-run the same command to resume" in err
-    assert (run / "checkpoints" / str(stopped)).is_dir()
-    again = subprocess.run([sys.executable, "-m", "l2s_jax.main", *args, "--workdir", str(run)], cwd=tmp_path,
-                           env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and f"resumed from step {stopped}" in again.stdout, again.stderr[-2000:]
-    _assert_identical(expected, _final(run, STEPS))
+    assert 9 <= stopped < STEPS and "re-run the same command to resume" in err
+    assert stopped in _complete_steps(run)
 
-    # SIGKILL twice, at random steps (seeded), each re-run resuming from the last complete
-    # checkpoint: the same final parameters.
-    run = tmp_path / "kill"
-    rng = random.Random(0)
-    for low, high in ((3, 6), (7, STEPS - 1)):
-        proc = _start([*args, "--workdir", str(run)], tmp_path)
-        _wait_for_step(proc, rng.randint(low, high))
-        proc.kill()
-        proc.communicate(timeout=60)
-    complete = [int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()]
-    again = subprocess.run([sys.executable, "-m", "l2s_jax.main", *args, "--workdir", str(run)], cwd=tmp_path,
-                           env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert (f"resumed from step {max(complete)}" in again.stdout) if complete else ("resumed" not in again.stdout)
+    again = run_cli(*args, "--workdir", str(run), cwd=tmp_path)
+    assert again.returncode == 0 and f"resumed from step {stopped}" in again.stdout, again.stderr[-2000:]
     _assert_identical(expected, _final(run, STEPS))

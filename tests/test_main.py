@@ -1,7 +1,6 @@
 """``python -m l2s_jax.main`` end to end on a shortened demo: gains table, files, exact resume."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,25 +9,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from run_helpers import full_demo_config
 from tbparse import SummaryReader
 
 from l2s_jax import config_lib, main
 from l2s_jax.data import pipeline
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _demo_config(data_dir: Path, steps: int = 4):
-    spec = importlib.util.spec_from_file_location("_demo_cfg", CONFIGS / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"steps={steps},teacher_steps=4")
-    c.data.update(data_dir=str(data_dir), demo_num_train=96, demo_num_test=40)
-    c.teacher.train.model.overrides.update(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1))
-    c.model.overrides.update(dims=(8, 16, 16, 16))
-    c.update(batch_size=16, eval_batch_size=16, checkpoint_every_steps=2, log_every_steps=2, keep_checkpoints=2,
-             ema_decay=0.9)
-    return c
 
 
 def _final_state(workdir: Path, step: int):
@@ -36,13 +21,11 @@ def _final_state(workdir: Path, step: int):
         return ckptr.restore(workdir / "checkpoints" / str(step) / "state")
 
 
-def test_demo_end_to_end_then_interrupted_run_resumes_exactly(tmp_path, monkeypatch, capsys):
-    """Teacher from scratch, baseline, NKD student and the gains table; then the student run is
-    interrupted after 2 of 4 steps and the same call resumes it to the uninterrupted params."""
-    data_dir = tmp_path / "tfds"
-    full = tmp_path / "full"
-    summary = main.train_and_evaluate(_demo_config(data_dir), full)
-    out = capsys.readouterr().out
+def test_demo_end_to_end_then_interrupted_run_resumes_exactly(demo_run, tmp_path, monkeypatch, capsys):
+    """Teacher from scratch, baseline, NKD student and the gains table (the session's ``demo_run``);
+    then the student run is interrupted after 2 of 4 steps and the same call resumes it to the
+    uninterrupted params."""
+    data_dir, full, summary, out = demo_run.data_dir, demo_run.workdir, demo_run.summary, demo_run.out
     for line in ("training the teacher from scratch", "training the baseline student", "Direct Gain",
                  "Effective Gain (x100)", "img/s | ETA"):
         assert line in out
@@ -77,7 +60,7 @@ def test_demo_end_to_end_then_interrupted_run_resumes_exactly(tmp_path, monkeypa
         return real_shard(batch, mesh, axis)
 
     monkeypatch.setattr(pipeline, "shard_batch", crash_on_third_train_batch)
-    config = _demo_config(data_dir)
+    config = full_demo_config(data_dir)
     config.teacher.evaluate = False  # already evaluated above; its top-1 then comes from its training run
     with pytest.raises(KeyboardInterrupt):
         main.train_and_evaluate(config, resumed)
@@ -92,7 +75,7 @@ def test_demo_end_to_end_then_interrupted_run_resumes_exactly(tmp_path, monkeypa
 
 
 def test_missing_teacher_checkpoint_says_how_to_convert(tmp_path):
-    config = _demo_config(tmp_path / "tfds")
+    config = full_demo_config(tmp_path / "tfds")
     config.teacher.train = {}
     config.teacher.update(checkpoint=str(tmp_path / "nowhere"), arch="slak")
     with pytest.raises(main.RunError, match=r"python tools/convert_weights.py --arch slak --src FILE"):

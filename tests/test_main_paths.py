@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_helpers import (FAMILY_MODELS, REPO, demo_cli_args, demo_config, error_lines, run_cli, save_teachers,
-                         teacher_cli_args, with_teacher)
+from run_helpers import (FAMILY_MODELS, REPO, demo_cli_args, demo_config, error_lines, run_cli, run_main_in_process,
+                         save_teachers, teacher_cli_args, with_teacher)
 
 from l2s_jax import main
 from l2s_jax.data import demo
@@ -68,7 +68,10 @@ def test_family_pairs_distil_through_main(student, teacher, method, settings, da
     assert summary["teacher"] == (config.teacher.name if family == "slak" else f"{family} ({teacher})")
 
 
-def test_cli_expected_errors_are_one_line(tmp_path, data_dir):
+def test_cli_expected_errors_are_one_line(tmp_path, data_dir, capsys):
+    """Each expected mistake: exit status 2 and one ``error:`` line naming it (the CLI's parsing and
+    ``main`` in this process; the subprocess below and test_workdir_of_another_config_is_refused_by_name
+    run the real entry point)."""
     demo_args = demo_cli_args(data_dir)
     cases = [
         (demo_args + ["--config.optim.lrr=1"], ["--config.optim.lrr=1", "Did you mean \"lr\""]),
@@ -82,19 +85,22 @@ def test_cli_expected_errors_are_one_line(tmp_path, data_dir):
         (["--config", str(tmp_path / "missing.py")], ["cannot load the config file", "missing.py"]),
         (["--config", str(REPO / "configs" / "demo.py") + ":bogus=1"], ["unknown config argument 'bogus'"]),
     ]
-    for args, expected in cases:
-        proc = run_cli(*args, "--workdir", str(tmp_path / "w"), cwd=tmp_path)
-        lines = error_lines(proc)
-        assert len(lines) == 1 and all(e in proc.stderr for e in expected), (args, proc.stderr[-2000:])
     # A teacher trained on other classes: named with both class counts.
     wrong = tmp_path / "wrong_teacher"
     kwargs = {**FAMILY_MODELS["convnext"][1], "num_classes": demo.NUM_CLASSES + 3}
     save_pretrained(create("convnext", **kwargs), "convnext", kwargs, wrong)
-    proc = run_cli(*demo_args, *teacher_cli_args(wrong), "--workdir", str(tmp_path / "w2"), cwd=tmp_path)
-    assert len(error_lines(proc)) == 1 and f"predicts {demo.NUM_CLASSES + 3} classes" in proc.stderr
-    # --debug shows the traceback of the same expected error.
-    proc = run_cli(*demo_args, "--config.accum_steps=3", "--debug", "--workdir", str(tmp_path / "w3"), cwd=tmp_path)
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "RunError" in proc.stderr
+    cases.append((demo_args + teacher_cli_args(wrong), [f"predicts {demo.NUM_CLASSES + 3} classes"]))
+    for i, (args, expected) in enumerate(cases):
+        proc = run_main_in_process(*args, "--workdir", str(tmp_path / f"w{i}"), capsys=capsys)
+        lines = error_lines(proc)
+        assert len(lines) == 1 and all(e in proc.stderr for e in expected), (args, proc.stderr[-2000:])
+    # --debug raises the same expected error (the traceback the real entry point then shows).
+    with pytest.raises(main.RunError, match="multiple of accum_steps x devices"):
+        run_main_in_process(*demo_args, "--config.accum_steps=3", "--debug", "--workdir", str(tmp_path / "w"),
+                            capsys=capsys)
+    # The real entry point: a mistake in the flags (found before any work) is one line, exit 2.
+    proc = run_cli(*demo_args, "--config.optim.lrr=1", "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    assert len(error_lines(proc)) == 1 and "Did you mean \"lr\"" in proc.stderr
 
 
 def test_workdir_of_another_config_is_refused_by_name(tmp_path, data_dir, teachers):

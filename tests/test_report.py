@@ -1,46 +1,29 @@
-"""tools/report.py on a real (short) demo run, and evaluate.py's training-workdir loading."""
+"""tools/report.py on a real (short) demo run (the session's ``demo_run``), and evaluate.py's
+training-workdir loading."""
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from run_helpers import run_tool
 
-from l2s_jax import evaluate, main, report
+from l2s_jax import evaluate, report
 from l2s_jax.data import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> Path:
-    """Teacher from scratch, CE baseline and NKD student on the demo, 2 steps each."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_main import _demo_config
-
-    root = tmp_path_factory.mktemp("demo")
-    main.train_and_evaluate(_demo_config(root / "tfds", steps=2), root / "nkd")
-    return root / "nkd"
-
-
 def test_report_cli_on_demo_workdir(demo_run, tmp_path):
-    summary = json.loads((demo_run / "summary.json").read_text())
+    workdir = demo_run.workdir
+    summary = json.loads((workdir / "summary.json").read_text())
     rob = tmp_path / "rob.json"
     rob.write_text(json.dumps({"models": {"m": {"clean_top1": 70.0, "imagenet_a_top1": 5.5,
                                                 "imagenet_c": {"mce": 60.25}}}, "protocol": {}}))
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), "--glob", str(demo_run.parent / "*"),
-                           "--robustness", str(rob), "--out", str(out)], env=_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = run_tool("report.py", "--glob", str(workdir.parent / "*"), "--robustness", str(rob), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.reader((out / "report.csv").open()))
     assert rows[0] == list(report.COLUMNS)
@@ -52,8 +35,7 @@ def test_report_cli_on_demo_workdir(demo_run, tmp_path):
     md = (out / "report.md").read_text()
     assert "| m | 70.00 | 60.25 | - | - | 5.50 |" in md
     assert (out / "direct_gain.png").stat().st_size > 5000
-    again = subprocess.run([sys.executable, str(REPO / "tools" / "report.py"), str(demo_run), "--out", str(out)],
-                           env=_env(), capture_output=True, text=True, timeout=300)
+    again = run_tool("report.py", str(workdir), "--out", str(out))
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
 
 
@@ -76,13 +58,14 @@ def test_evaluate_loads_training_workdir_student_and_ema(demo_run):
     """The final student / EMA of a workdir reproduce the top-1 the trainer recorded."""
     import ml_collections
 
-    result = json.loads((demo_run / "result.json").read_text())
-    config = ml_collections.ConfigDict(json.loads((demo_run / "config.json").read_text()))
+    workdir = demo_run.workdir
+    result = json.loads((workdir / "result.json").read_text())
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     opened = pipeline.open_source(config.data, "test")
     split = evaluate.Split("demo", opened.records, pipeline.eval_transform(config.data, opened))
     for use_ema, key in ((False, "student_top1"), (True, "ema_top1")):
-        model = evaluate.load_model(demo_run, use_ema=use_ema)
+        model = evaluate.load_model(workdir, use_ema=use_ema)
         out = evaluate.evaluate_split(model, split, batch_size=config.eval_batch_size)
         assert out["top1"] == result[key] and out["count"] == len(opened.records)
     with pytest.raises(FileNotFoundError, match="neither a converted checkpoint"):
-        evaluate.load_model(demo_run / "checkpoints")
+        evaluate.load_model(workdir / "checkpoints")

@@ -6,23 +6,36 @@ Host side, per image (numpy + Pillow, explicit ``np.random.Generator``): :class:
 On device, inside the jitted step (jnp, explicit key): :func:`mixup_cutmix`.
 """
 
-from l2s_jax.data.mixup import MixParams, apply_mix, cutmix_box, mixup_cutmix, one_hot_smooth, sample_mix_params
-from l2s_jax.data.randaugment import AugmentOp, RandAugment, apply_op, level_to_args, rand_augment_transform
-from l2s_jax.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EvalTransform,
-    TrainTransform,
-    as_rgb_image,
-    center_crop,
-    random_erasing,
-    random_erasing_boxes,
-    random_resized_crop_params,
-    resize,
-    resize_shorter,
-    resized_crop,
-    to_normalized_float,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Name -> submodule. Loaded on first use (PEP 562): ``import l2s_jax.data.sources`` (e.g. by the
+# report and evaluation CLIs) must not import JAX through ``mixup``.
+_EXPORTS = {
+    **dict.fromkeys(("MixParams", "apply_mix", "cutmix_box", "mixup_cutmix", "one_hot_smooth", "sample_mix_params"),
+                    "mixup"),
+    **dict.fromkeys(("AugmentOp", "RandAugment", "apply_op", "level_to_args", "rand_augment_transform"),
+                    "randaugment"),
+    **dict.fromkeys(("IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "TrainTransform", "as_rgb_image", "center_crop",
+                     "random_erasing", "random_erasing_boxes", "random_resized_crop_params", "resize",
+                     "resize_shorter", "resized_crop", "to_normalized_float"), "transforms"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The exported name from its submodule, imported on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "IMAGENET_MEAN",
