@@ -4,7 +4,8 @@ import functools
 import importlib.util
 import sys
 
-from conftest import REPO_ROOT, run_tool
+from conftest import REPO_ROOT
+from run_helpers import run_tool
 
 
 @functools.lru_cache(maxsize=None)
