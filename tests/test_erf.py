@@ -428,3 +428,16 @@ def test_fast_probe_equals_plain_probe(name):
     assert np.max(plain) > 0
     np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5 * float(np.max(plain)))
     assert all(m.lkb_reparam is None for _, m in nnx.iter_modules(model) if isinstance(m, LargeKernel))
+
+
+def test_benchmark_erf_prints_all_three_columns():
+    """tools/benchmark_erf.py as a user runs it, at a tiny size: JAX, JAX before and PyTorch per image."""
+    from run_helpers import run_tool
+
+    pytest.importorskip("torch")
+    out = run_tool("benchmark_erf.py", "--models", "convnext_tiny", "--size", "32", "--images", "1", timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = next(ln for ln in out.stdout.splitlines() if ln.startswith("convnext_tiny"))
+    cells = row.replace("|", " ").split()
+    assert cells[:2] == ["convnext_tiny", "32"] and len(cells) == 9, row
+    assert all(float(c) > 0 for c in cells[2:]), row

@@ -28,13 +28,14 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from l2s_jax.benchmarking import run_child  # noqa: E402
 
 FRAMEWORKS = ("jax", "jax_before", "torch")
 
@@ -124,11 +125,7 @@ def run_torch(model_name: str, size: int, count: int, batch: int) -> dict:
 def _child(framework: str, model: str, args: argparse.Namespace) -> dict | str:
     cmd = [sys.executable, __file__, "--child", framework, "--models", model, "--size", str(args.size),
            "--images", str(args.images), "--batch-size", str(args.batch_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        return f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:50]}"
-    return json.loads(lines[-1])
+    return run_child(cmd)
 
 
 def _best(results: list[dict | str]) -> dict | str:

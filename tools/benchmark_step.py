@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,8 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from l2s_jax.benchmarking import run_child  # noqa: E402
 
 
 def _config(case: str, batch: int, precision: str = "float32"):
@@ -319,11 +320,7 @@ PARTS = ("input mixing", "teacher forward", "student forward", "student backward
 def _child(framework: str, case: str, batch: int, repeats: int, *extra: str, cache: str = "off") -> dict | str:
     cmd = [sys.executable, __file__, "--child", framework, "--cases", f"{case}:{batch}", "--repeats", str(repeats),
            "--started", repr(time.time()), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "L2S_COMPILE_CACHE": cache})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-        return f"failed: {(proc.stderr.strip().splitlines() or ['?'])[-1][:60]}"
-    return json.loads(lines[-1])
+    return run_child(cmd, env={**os.environ, "L2S_COMPILE_CACHE": cache})
 
 
 def _best(results: list[dict | str]) -> dict | str:
