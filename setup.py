@@ -34,10 +34,10 @@ setup(
         "torch": ["torch>=2.4"],
     },
     entry_points={"console_scripts": [
-        "l2s-train=l2s_jax.main:cli",
+        "l2s-train=l2s_jax.cli.train:main",
         "l2s-convert=l2s_jax.cli.convert_weights:main",
-        "l2s-erf=l2s_jax.cli.erf:main",
-        "l2s-evaluate=l2s_jax.evaluate:main",
+        "l2s-erf=l2s_jax.cli.erf:cli",
+        "l2s-evaluate=l2s_jax.evaluate:cli",
         "l2s-report=l2s_jax.report:main",
     ]},
 )

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import jax
 
+from l2s_jax import host_memory
+
 ENV = "L2S_COMPILE_CACHE"
 _OFF = ("", "0", "off", "none", "false", "no")
 # Programs that compile faster than this are not worth a file (eager ops, small helpers).
@@ -66,8 +68,10 @@ def enable(setting: str | None = None) -> Path | None:
     """Turn the persistent compilation cache on (see the module docstring); returns its folder or None.
 
     Call before the first compilation. ``setting`` overrides ``$L2S_COMPILE_CACHE`` (a folder or
-    ``"off"``).
+    ``"off"``). Every command calls this as its JAX set-up, so it also registers the heap trim
+    after long compiles (:func:`l2s_jax.host_memory.trim_after_compiles`).
     """
+    host_memory.trim_after_compiles()
     folder = resolve_dir(setting)
     if folder is None:
         jax.config.update("jax_enable_compilation_cache", False)

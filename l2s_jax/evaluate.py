@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from l2s_jax import host_memory
 from l2s_jax.cli import parse_named_dirs
 from l2s_jax.data.sources import (
     IMAGENET_A_CLASSES,
@@ -666,5 +667,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The console entry point: :func:`main` in a process with the tuned host malloc (:mod:`l2s_jax.host_memory`)."""
+    host_memory.reexec_tuned()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -20,6 +20,11 @@ with one ``error: ...`` line and exit status 2; ``--debug`` shows their tracebac
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX starts: glibc reads its malloc settings only at process start
+    from l2s_jax import host_memory
+
+    host_memory.reexec_tuned()
+
 import contextlib
 import dataclasses
 import json
@@ -38,7 +43,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from l2s_jax import compile_cache, config_lib, losses, metric_io, train
+from l2s_jax import compile_cache, config_lib, host_memory, losses, metric_io, train
 from l2s_jax.data import pipeline
 from l2s_jax.models import create, load_pretrained, pretrained, registry, save_pretrained
 from l2s_jax.models.policy import Policy, apply_policy
@@ -751,6 +756,7 @@ def main(argv: list[str]) -> None:
         _say(f"jax.distributed: process {jax.process_index()} of {jax.process_count()}, "
              f"{jax.local_device_count()} local / {jax.device_count()} global devices")
     compile_cache.enable()
+    _say(host_memory.describe())
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir,
                            resume_changed=flags.FLAGS.resume_changed_config)
@@ -764,7 +770,7 @@ def main(argv: list[str]) -> None:
 
 
 def cli() -> None:
-    """The ``l2s-train`` console entry point (same as ``python -m l2s_jax.main``)."""
+    """``python -m l2s_jax.main`` (and ``l2s-train`` through :mod:`l2s_jax.cli.train`)."""
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=parse_flags)
 

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 import pytest
 from run_helpers import cli_env, demo_cli_args, demo_config, run_cli, save_teachers, teacher_cli_args, with_teacher
 
-from l2s_jax import main
+from l2s_jax import host_memory, main
 from l2s_jax.data import pipeline
 
 STEPS = 12
@@ -177,6 +177,8 @@ def test_sigkill_then_sigterm_then_the_same_command_resumes_exactly(tmp_path, da
         "--config.checkpoint_every_steps=4"]
     done = run_cli(*args, "--workdir", str(tmp_path / "reference"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
+    if host_memory.child_env().get("GLIBC_TUNABLES") == host_memory.TUNABLES:  # the command's host malloc
+        assert f"host malloc GLIBC_TUNABLES={host_memory.TUNABLES}" in done.stdout, done.stdout[-2000:]
     expected = _final(tmp_path / "reference", STEPS)
 
     # SIGKILL: no chance to save; the re-run resumes from the last complete checkpoint.

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from l2s_jax import host_memory
 from l2s_jax.cli import parse_named_dirs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -182,5 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def cli() -> int:
+    """The console entry point: :func:`main` in a process with the tuned host malloc (:mod:`l2s_jax.host_memory`)."""
+    host_memory.reexec_tuned()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
