@@ -33,6 +33,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from l2s_jax import host_memory  # noqa: E402
 from l2s_jax.benchmarking import run_child  # noqa: E402
 
 
@@ -171,17 +172,22 @@ def run_jax(case: str, batch: int, repeats: int, breakdown: bool = False, precis
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     state = run.state
-    times = []
+    times, faults, sys_s = [], [], []
     for _ in range(repeats + 1):
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         state, metrics = compiled(state, run.teacher_state, batch_arrays)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append(after.ru_minflt - before.ru_minflt)
+        sys_s.append(after.ru_stime - before.ru_stime)
         if len(times) == 1:
             first_step_at = time.time()
     stats = jax.devices()[0].memory_stats() or {}
     step_s = statistics.median(times[1:])
     return {"images_per_s": batch / step_s, "step_s": step_s, "compile_s": compile_s, "trace_s": trace_s,
+            "page_faults_per_step": statistics.median(faults[1:]), "sys_s_per_step": statistics.median(sys_s[1:]),
             "peak_gb": _peak_gb(stats.get("peak_bytes_in_use")), "device": jax.devices()[0].platform,
             "device_kind": jax.devices()[0].device_kind, "parts": parts,
             "launch_to_first_step_s": first_step_at - started if started else None}
@@ -434,7 +440,8 @@ def main() -> None:
             notes.append(f"  {case}:{batch} PyTorch {modes}")
         print(row, flush=True)
         if isinstance(j, dict):
-            note = f"  {case}:{batch} JAX compile {j['compile_s']:.1f} s cold (trace + lower {j['trace_s']:.1f} s)"
+            note = (f"  {case}:{batch} JAX compile {j['compile_s']:.1f} s cold (trace + lower {j['trace_s']:.1f} s); "
+                    f"per step {j['page_faults_per_step']:,.0f} page faults, {j['sys_s_per_step']:.2f} s in the kernel")
             if not args.no_cache_check:
                 with tempfile.TemporaryDirectory(prefix="l2s_bench_cache_") as cache:
                     _child("jax", case, batch, 1, *child_args, cache=cache)  # fills the cache
@@ -455,7 +462,7 @@ def main() -> None:
           f"compile = trace + lower + XLA compile with no persistent cache; PyTorch channels_last, teacher eval + "
           f"no_grad{', AMP' if precision == 'bfloat16' else ''}, the faster of "
           f"{'/'.join(args.torch_modes.split(','))}; peak = max RSS of the process on CPU, device peak on GPU; "
-          f"mem ratio = JAX peak / PyTorch peak)")
+          f"mem ratio = JAX peak / PyTorch peak; both with {host_memory.describe(host_memory.child_env())})")
     for note in notes:
         print(note)
     for table in breakdowns:
