@@ -113,3 +113,26 @@ def test_long_compiles_return_the_compilers_heap():
     code = TRIM.replace("compile_cache.enable", "host_memory.trim_after_compiles(min_secs=0.0); compile_cache.enable")
     assert _python(code).stdout.split()[-1] != "0"
     assert _python(code, L2S_HOST_MALLOC="system").stdout.split()[-1] == "0"
+
+
+ENTRY_POINTS = {
+    "python -m l2s_jax.main": [sys.executable, "-m", "l2s_jax.main"],
+    "l2s-train": [str(Path(sys.executable).parent / "l2s-train")],
+    "l2s-erf": [str(Path(sys.executable).parent / "l2s-erf")],
+    "l2s-evaluate": [str(Path(sys.executable).parent / "l2s-evaluate")],
+    "tools/erf.py": [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "erf.py")],
+    "tools/evaluate.py": [sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "evaluate.py")],
+}
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_jax_command_starts_through_host_memory(name):
+    """A bad L2S_HOST_MALLOC stops each command first: proof that it reads the setting before anything else."""
+    cmd = ENTRY_POINTS[name]
+    if not Path(cmd[0]).exists():
+        pytest.skip(f"{cmd[0]} is not installed (pip install -e . creates the console scripts)")
+    env = {**cli_env(), "L2S_HOST_MALLOC": "fast"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: L2S_HOST_MALLOC='fast' is not one of tuned, system (unset it for the default, tuned)"], proc.stderr
