@@ -422,14 +422,14 @@ def main() -> None:
                 runs[fw].append(_child(fw, case, batch, args.repeats, *child_args))
         j = _best(runs["jax"])
         row = f"{case:<10}{batch:>6} | "
-        row += (f"{j['images_per_s']:>10.2f}{j['compile_s']:>10.1f}{j['peak_gb']:>9.2f}" if isinstance(j, dict)
+        row += (f"{j['images_per_s']:>10.2f}{j['compile_s']:>10.2f}{j['peak_gb']:>9.2f}" if isinstance(j, dict)
                 else f"{j:>29}")
         results = {"JAX": j}
         if with_torch:
             per_mode = {fw: _best(runs[fw]) for fw in torch_children}
             t = _best(list(per_mode.values()))
             results["PyTorch"] = t
-            row += " | " + (f"{t['images_per_s']:>11.2f}{t['compile_s']:>11.1f}{t['peak_gb']:>9.2f}"
+            row += " | " + (f"{t['images_per_s']:>11.2f}{t['compile_s']:>11.2f}{t['peak_gb']:>9.2f}"
                             if isinstance(t, dict) else f"{t:>31}")
             both = isinstance(j, dict) and isinstance(t, dict)
             row += " | " + (f"{j['images_per_s'] / t['images_per_s']:>9.2f}{j['peak_gb'] / t['peak_gb']:>10.2f}"
