@@ -9,8 +9,9 @@ faults instead of 4 KiB, where THP is in ``madvise`` or ``always`` mode) and
 ``glibc.malloc.arena_max=1`` keeps one heap, which also lowers the peak RSS.
 
 glibc reads ``GLIBC_TUNABLES`` only when a process starts, so the commands (``l2s-train`` /
-``python -m l2s_jax.main``, ``l2s-erf``, the benchmark tools' JAX children) re-execute
-themselves once with it set, before JAX is imported. Control it with ``L2S_HOST_MALLOC``:
+``python -m l2s_jax.main``, ``l2s-erf``, ``l2s-evaluate``, ``tools/erf.py``,
+``tools/evaluate.py``) re-execute themselves once with it set, before JAX is imported, and the
+benchmark tools start every child (JAX and PyTorch) with it (:func:`child_env`). Control it with ``L2S_HOST_MALLOC``:
 
 * unset or ``tuned``: the tunables above (on Linux with glibc; elsewhere nothing is done);
 * ``system``: glibc's defaults, no re-exec.

@@ -368,9 +368,9 @@ def make_train_step(
     return train_step
 
 
-# XLA:CPU's LLVM backend at optimisation level 1 instead of 2 compiles the paper's step in about
-# two thirds of the time with no measurable change in its speed (the hot loops are library
-# calls: dots, convolutions); level 0 halves the speed. Measured by tools/benchmark_step.py.
+# XLA:CPU's LLVM backend at optimisation level 1 instead of 2 compiles the paper's step faster
+# with no measurable change in its speed (the hot loops are library calls: dots, convolutions);
+# level 0 halves the speed. Measured with tools/benchmark_step.py (figures in the README).
 CPU_STEP_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
 
 
