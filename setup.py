@@ -19,6 +19,7 @@ setup(
         "grain>=0.2.12",
         "ml_collections>=1.0",
         "absl-py",
+        "filelock>=3",  # JAX's size-capped compilation cache needs it; compile_cache uses its lock
         "numpy>=1.26",
         "pillow>=10",
         "safetensors>=0.4",

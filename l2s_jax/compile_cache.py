@@ -22,9 +22,11 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
+import filelock
 import jax
 
 from l2s_jax import host_memory
@@ -64,6 +66,23 @@ def resolve_dir(setting: str | None = None) -> Path | None:
     return default_dir()
 
 
+def repair(folder: Path) -> int:
+    """Remove the incomplete entries an interrupted write left in ``folder``; returns how many.
+
+    An entry is complete when both its ``-cache`` and its ``-atime`` file exist (JAX writes the
+    ``-atime`` last). Runs under the lock JAX's cache takes for every write, so an entry another
+    process is writing right now is never touched.
+    """
+    removed = 0
+    with filelock.FileLock(folder / ".lockfile", timeout=60):
+        cache = {p.name.removesuffix("-cache"): p for p in folder.glob("*-cache")}
+        atime = {p.name.removesuffix("-atime"): p for p in folder.glob("*-atime")}
+        for key in cache.keys() ^ atime.keys():
+            (cache.get(key) or atime[key]).unlink(missing_ok=True)
+            removed += key in cache
+    return removed
+
+
 def enable(setting: str | None = None) -> Path | None:
     """Turn the persistent compilation cache on (see the module docstring); returns its folder or None.
 
@@ -83,6 +102,14 @@ def enable(setting: str | None = None) -> Path | None:
                       f"set {ENV}=DIR to a writable folder or {ENV}=off", stacklevel=2)
         jax.config.update("jax_enable_compilation_cache", False)
         return None
+    try:
+        removed = repair(folder)
+    except (OSError, filelock.Timeout) as e:
+        warnings.warn(f"compilation cache not checked for interrupted writes: {e}", stacklevel=2)
+    else:
+        if removed:
+            print(f"compilation cache: removed {removed} incomplete entr{'y' if removed == 1 else 'ies'} "
+                  f"(a run was interrupted while writing) from {folder}", file=sys.stderr)
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)

@@ -22,10 +22,13 @@ jax.jit(chain)(jnp.ones((8, 8)))
 """
 
 
-def run_program(env: dict) -> str:
+def run_program(env: dict, program: str = PROGRAM) -> str:
+    return run_program_full(env, program).stdout.strip()
+
+
+def run_program_full(env: dict, program: str = PROGRAM) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT), **env}
-    out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    return subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
 
 
 def test_resolution_order(monkeypatch, tmp_path):
@@ -65,3 +68,31 @@ def test_unwritable_folder_warns_and_runs(tmp_path):
     with pytest.warns(UserWarning, match="compilation cache disabled: cannot create"):
         assert compile_cache.enable(str(blocker / "cache")) is None
     compile_cache.enable()  # back to the suite's setting
+
+
+def test_an_interrupted_write_does_not_stop_the_cache_growing(tmp_path):
+    """A process killed between JAX's two files of an entry left a ``-cache`` without ``-atime``.
+
+    JAX's size-capped cache then fails every later write (FileNotFoundError while choosing what
+    to evict), so without the repair in ``enable`` a second program would never be cached.
+    """
+    cache = tmp_path / "cache"
+    run_program({compile_cache.ENV: str(cache)})
+    (entry,) = cache.glob("jit_chain-*-cache")
+    Path(str(entry).removesuffix("-cache") + "-atime").unlink()  # as if killed before the -atime
+    (cache / "jit_gone-0-atime").write_bytes(b"\0" * 8)  # and an -atime whose entry was deleted
+    other = PROGRAM.replace("range(300)", "range(301)")
+    out = run_program_full({compile_cache.ENV: str(cache)}, other)
+    assert "removed 1 incomplete entry" in out.stderr and "Error writing" not in out.stderr
+    assert not (cache / "jit_gone-0-atime").exists() and not entry.exists()
+    assert len(list(cache.glob("jit_chain-*-cache"))) == 1  # the new program was written
+    assert len(list(cache.glob("jit_chain-*-atime"))) == 1
+    assert "removed" not in run_program_full({compile_cache.ENV: str(cache)}, other).stderr  # nothing left to do
+
+
+def test_repair_keeps_complete_entries(tmp_path):
+    for key in ("a", "b"):
+        (tmp_path / f"{key}-cache").write_bytes(b"x")
+    (tmp_path / "a-atime").write_bytes(b"\0" * 8)
+    assert compile_cache.repair(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["a-atime", "a-cache"]
