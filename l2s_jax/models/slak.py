@@ -99,16 +99,21 @@ class LargeKernel(nnx.Module):
             bias = bias + c
         return kernel, bias
 
-    def fuse(self) -> None:
-        """Replace the branches by ``lkb_reparam`` (exact in eval mode; for frozen teachers)."""
+    def fuse(self, fused: tuple[jax.Array, jax.Array] | None = None) -> None:
+        """Replace the branches by ``lkb_reparam`` (exact in eval mode; for frozen teachers).
+
+        ``fused`` is this op's :meth:`fused_kernel` when the caller computed it already
+        (:meth:`SLaK.fuse` does so for every op in one compiled program).
+        """
         if self.lkb_reparam is not None:
             return
-        kernel, bias = self.fused_kernel()
+        kernel, bias = self.fused_kernel() if fused is None else fused
         like = self.branches()[0].conv  # the fused conv keeps the branches' policy (impl, dtype)
-        conv = layers.DepthwiseConv2d(kernel.shape[-1], self.kernel_size, bias=True, impl=like.impl,
-                                      dtype=like.dtype, rngs=nnx.Rngs(0))
-        conv.kernel[...] = kernel
-        conv.bias[...] = bias
+        # Built shape-only: its random initial values would be overwritten at once.
+        conv = nnx.eval_shape(lambda: layers.DepthwiseConv2d(kernel.shape[-1], self.kernel_size, bias=True,
+                                                             impl=like.impl, dtype=like.dtype, rngs=nnx.Rngs(0)))
+        conv.kernel.set_value(kernel)
+        conv.bias.set_value(bias)
         self.lkb_reparam = conv
         self.LoRA1 = self.LoRA2 = self.lkb_origin = self.small_conv = nnx.data(None)
 
@@ -159,9 +164,12 @@ class SLaK(convnext.ConvNeXt):
 
     def fuse(self) -> "SLaK":
         """Re-parameterise every large-kernel op into one K x K kernel + bias (eval mode only)."""
-        for _, m in nnx.iter_modules(self):
-            if isinstance(m, LargeKernel):
-                m.fuse()
+        ops = [m for _, m in nnx.iter_modules(self) if isinstance(m, LargeKernel) and m.lkb_reparam is None]
+        # One jitted program for all kernels (op by op, the folding and padding are hundreds of
+        # small dispatches: seconds for SLaK-T).
+        fused = nnx.jit(lambda ops: [m.fused_kernel() for m in ops])(ops)
+        for m, kernel_bias in zip(ops, fused):
+            m.fuse(kernel_bias)
         return self
 
 
