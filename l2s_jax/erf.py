@@ -287,12 +287,9 @@ def fuse_reparameterizable(model: nnx.Module) -> int:
     branches and their BatchNorms of SLaK (or the 7x7 conv + BN of the ConvNeXt+BN student)
     become one depthwise convolution. Returns the number of ops fused (already fused ones count).
     """
-    from l2s_jax.models.slak import LargeKernel
+    from l2s_jax.models.slak import fuse_large_kernels
 
-    ops = [m for _, m in nnx.iter_modules(model) if isinstance(m, LargeKernel)]
-    for m in ops:
-        m.fuse()
-    return len(ops)
+    return fuse_large_kernels(model)
 
 
 class ContributionProbe:

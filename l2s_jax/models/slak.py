@@ -164,13 +164,23 @@ class SLaK(convnext.ConvNeXt):
 
     def fuse(self) -> "SLaK":
         """Re-parameterise every large-kernel op into one K x K kernel + bias (eval mode only)."""
-        ops = [m for _, m in nnx.iter_modules(self) if isinstance(m, LargeKernel) and m.lkb_reparam is None]
-        # One jitted program for all kernels (op by op, the folding and padding are hundreds of
-        # small dispatches: seconds for SLaK-T).
-        fused = nnx.jit(lambda ops: [m.fused_kernel() for m in ops])(ops)
-        for m, kernel_bias in zip(ops, fused):
-            m.fuse(kernel_bias)
+        fuse_large_kernels(self)
         return self
+
+
+def fuse_large_kernels(model: nnx.Module) -> int:
+    """:meth:`LargeKernel.fuse` every large-kernel op in ``model``; returns how many it holds.
+
+    The folded kernels of all ops come from one jitted program (op by op, the folding and
+    padding are hundreds of small dispatches: seconds for SLaK-T). Already fused ops count.
+    """
+    ops = [m for _, m in nnx.iter_modules(model) if isinstance(m, LargeKernel)]
+    todo = [m for m in ops if m.lkb_reparam is None]
+    if todo:
+        fused = nnx.jit(lambda todo: [m.fused_kernel() for m in todo])(todo)
+        for m, kernel_bias in zip(todo, fused):
+            m.fuse(kernel_bias)
+    return len(ops)
 
 
 # --- converter hooks -------------------------------------------------------------------------
