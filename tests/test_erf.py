@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, assert_close_to_reference
 from flax import nnx
 from PIL import Image
 
-from l2s_jax import erf, layers
+from l2s_jax import compile_cache, erf, layers
 from l2s_jax.convert import convert_state_dict
 from l2s_jax.io.checkpoint_files import read_state_dict
 from l2s_jax.models import create, get_family, save_pretrained
@@ -397,7 +397,10 @@ def test_tool_errors_are_clear(tmp_path, capsys):
 def test_notebook_runs_headless(tmp_path, monkeypatch):
     import nbformat
 
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(jax.config.jax_compilation_cache_dir))
+    # The kernel uses the suite's cache through compile_cache.enable() (as every command does); a
+    # plain JAX_COMPILATION_CACHE_DIR would make it write entries without the -atime that the
+    # size-capped cache of this process needs, and break this process's later cache writes.
+    monkeypatch.setenv(compile_cache.ENV, str(compile_cache.resolve_dir() or "off"))
     params = {"data": "random", "num_images": 2, "size": 128, "batch_size": 2, "out_dir": str(tmp_path),
               "demo_dims": [8, 16, 16, 16], "demo_slak_kernels": [13, 11, 9, 7, 3], "depthwise_impl": "direct"}
     executed = erf.run_notebook(REPO_ROOT / "notebooks" / "erf_probing.ipynb", params, tmp_path, timeout=600)
@@ -411,6 +414,8 @@ def test_notebook_runs_headless(tmp_path, monkeypatch):
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert not any(o.get("output_type") == "error" for o in outputs)
     assert math.isfinite(sum(r["area_ratio"] or 0.0 for r in rows))
+    if compile_cache.resolve_dir() is not None:  # the kernel wrote complete entries only
+        assert compile_cache.repair(compile_cache.resolve_dir()) == 0
 
 
 @pytest.mark.parametrize("name", ["slak_tiny", "convnext_tiny_bn", "convnext_tiny"])
