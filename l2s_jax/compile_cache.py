@@ -14,8 +14,16 @@ Where (first match wins):
   the kind of CPU it was compiled for; home folders are often shared across machines).
 
 The folder only ever holds compiled programs: deleting it at any time is safe (the next run
-compiles again); it is capped at 4 GiB, least recently used programs first. A folder that cannot be created disables the cache with a warning; it never
-stops a run.
+compiles again); it is capped at 4 GiB, least recently used programs first. A folder that
+cannot be created disables the cache with a warning; it never stops a run.
+
+JAX writes an entry as two files, ``<key>-cache`` and then ``<key>-atime``. A process killed
+in between (SIGKILL, out of memory, a timeout) leaves a ``-cache`` file that may be truncated
+and has no ``-atime``; from then on every write of JAX's size-capped cache fails (it reads the
+``-atime`` of every entry to pick what to evict) and the cache silently stops growing. A JAX
+process pointed at the same folder without a size cap (a bare ``JAX_COMPILATION_CACHE_DIR``)
+writes entries with no ``-atime`` at all, with the same effect; the ERF notebook therefore calls
+:func:`enable` too. :func:`enable` removes such incomplete entries first, under JAX's own lock.
 """
 from __future__ import annotations
 
