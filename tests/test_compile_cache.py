@@ -22,11 +22,7 @@ jax.jit(chain)(jnp.ones((8, 8)))
 """
 
 
-def run_program(env: dict, program: str = PROGRAM) -> str:
-    return run_program_full(env, program).stdout.strip()
-
-
-def run_program_full(env: dict, program: str = PROGRAM) -> subprocess.CompletedProcess:
+def run_program(env: dict, program: str = PROGRAM) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO_ROOT), **env}
     return subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
 
@@ -50,7 +46,7 @@ def test_resolution_order(monkeypatch, tmp_path):
 
 def test_programs_are_written_and_reused(tmp_path):
     cache = tmp_path / "cache"
-    assert run_program({compile_cache.ENV: str(cache)}) == str(cache)
+    assert run_program({compile_cache.ENV: str(cache)}).stdout.strip() == str(cache)
     entries = sorted(p.name for p in cache.glob("jit_chain-*-cache"))
     assert len(entries) == 1
     run_program({compile_cache.ENV: str(cache)})  # a re-run loads it: no second entry
@@ -58,7 +54,7 @@ def test_programs_are_written_and_reused(tmp_path):
 
 
 def test_off_writes_nothing(tmp_path):
-    assert run_program({compile_cache.ENV: "off", "XDG_CACHE_HOME": str(tmp_path)}) == "None"
+    assert run_program({compile_cache.ENV: "off", "XDG_CACHE_HOME": str(tmp_path)}).stdout.strip() == "None"
     assert not any(tmp_path.rglob("*-cache"))
 
 
@@ -82,12 +78,12 @@ def test_an_interrupted_write_does_not_stop_the_cache_growing(tmp_path):
     Path(str(entry).removesuffix("-cache") + "-atime").unlink()  # as if killed before the -atime
     (cache / "jit_gone-0-atime").write_bytes(b"\0" * 8)  # and an -atime whose entry was deleted
     other = PROGRAM.replace("range(300)", "range(301)")
-    out = run_program_full({compile_cache.ENV: str(cache)}, other)
+    out = run_program({compile_cache.ENV: str(cache)}, other)
     assert "removed 1 incomplete entry" in out.stderr and "Error writing" not in out.stderr
     assert not (cache / "jit_gone-0-atime").exists() and not entry.exists()
     assert len(list(cache.glob("jit_chain-*-cache"))) == 1  # the new program was written
     assert len(list(cache.glob("jit_chain-*-atime"))) == 1
-    assert "removed" not in run_program_full({compile_cache.ENV: str(cache)}, other).stderr  # nothing left to do
+    assert "removed" not in run_program({compile_cache.ENV: str(cache)}, other).stderr  # nothing left to do
 
 
 def test_repair_keeps_complete_entries(tmp_path):
